@@ -1,0 +1,54 @@
+"""What the rewrite did to each candidate site, as records and as a table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx
+from tabulate import tabulate
+
+REWRITTEN = "rewritten"
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """One attention op found in the graph, and what became of it."""
+
+    index: int
+    attention: str  # the attention node's name in the input graph
+    kernel: str
+    status: str  # "rewritten" or "skipped"
+    reason: str = ""  # why skipped; empty when rewritten
+    world_size: int | None = None
+    local_heads: int | None = None
+    chunk_sizes: tuple[int, ...] = ()
+    exchanges: int = 0  # input all-to-alls per chunk (3 for q, k, v; 1 when fused)
+
+    @property
+    def rewritten(self) -> bool:
+        return self.status == REWRITTEN
+
+
+@dataclass
+class RewriteResult:
+    graph_module: torch.fx.GraphModule
+    sites: list[SiteReport] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.rewritten]
+
+    def table(self) -> str:
+        if not self.sites:
+            return "no all-to-all -> attention -> all-to-all site found: graph unchanged"
+        rows = [
+            (s.index, s.attention, s.kernel, s.status, s.world_size or "-", s.local_heads or "-",
+             "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", s.reason)
+            for s in self.sites
+        ]
+        headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "reason")
+        return tabulate(rows, headers=headers, tablefmt="simple")
+
+    def __str__(self) -> str:
+        return self.table()

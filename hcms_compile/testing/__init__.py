@@ -1,0 +1,1 @@
+"""Test helpers for hcms_compile: reference Ulysses layouts and the like."""

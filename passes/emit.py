@@ -1,0 +1,145 @@
+"""Build nodes in a graph's own dialect, with the shape metadata later passes expect.
+
+Terms
+- dialect: "aten" (OpOverload targets; metadata under `val`) or "torch" (Dynamo: `call_method`,
+  metadata under `example_value`).
+- fake value: a FakeTensor computed for every new node from its inputs' fake values, so shapes are
+  checked while the graph is built and Inductor/AOTAutograd find the metadata they need.
+
+Steps of each `Emitter` call:
+1. Create the node before the anchor (the schedule moves it later).
+2. Compute its fake value under the graph's fake mode; a failure raises `EmitError`, and the
+   rewrite undoes the site.
+3. Record the node so the caller can tag it and, on failure, erase it.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx import Graph, Node
+from torch.fx.node import map_arg
+
+aten = torch.ops.aten
+
+
+class EmitError(Exception):
+    """A new node whose shapes do not check."""
+
+
+def dialect_of(graph: Graph) -> str:
+    for node in graph.nodes:
+        if node.op == "call_method" or "example_value" in node.meta:
+            return "torch"
+    return "aten"
+
+
+def _fake_mode(graph: Graph) -> FakeTensorMode:
+    vals = [n.meta.get("val", n.meta.get("example_value")) for n in graph.nodes]
+    mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    return mode if mode is not None else FakeTensorMode()
+
+
+class Emitter:
+    def __init__(self, graph: Graph, anchor: Node) -> None:
+        self.graph = graph
+        self.anchor = anchor
+        self.dialect = dialect_of(graph)
+        self.key = "example_value" if self.dialect == "torch" else "val"
+        self.mode = _fake_mode(graph)
+        self.created: list[Node] = []
+
+    # -- fake values ---------------------------------------------------------------------------
+    def _fake(self, value: Any) -> Any:
+        if isinstance(value, FakeTensor) or not isinstance(value, torch.Tensor):
+            return value
+        return self.mode.from_tensor(value)
+
+    def _value(self, node: Node) -> Any:
+        val = node.meta.get("val", node.meta.get("example_value"))
+        if val is None:
+            raise EmitError(f"{node.name} has no fake value")
+        return self._fake(val)
+
+    def value(self, node: Node) -> Any:
+        return self._value(node)
+
+    def _annotate(self, node: Node) -> Node:
+        args = map_arg(node.args, self._value)
+        kwargs = map_arg(node.kwargs, self._value)
+        try:
+            with self.mode:
+                if node.op == "call_method":
+                    val = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    val = node.target(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure means the new node is invalid
+            raise EmitError(f"{node.format_node()}: {err}") from err
+        node.meta[self.key] = val
+        self.created.append(node)
+        return node
+
+    # -- node builders -------------------------------------------------------------------------
+    def call(self, target: Any, *args: Any, **kwargs: Any) -> Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        return self._annotate(node)
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_method(name, args, kwargs)
+        return self._annotate(node)
+
+    def copy(self, node: Node, replace: dict[Node, Node]) -> Node:
+        """`node` again, with some inputs replaced."""
+        with self.graph.inserting_before(self.anchor):
+            new = self.graph.node_copy(node, lambda n: replace.get(n, n))
+        new.meta = {k: v for k, v in node.meta.items() if k not in ("val", "example_value", "tensor_meta")}
+        return self._annotate(new)
+
+    def getitem(self, node: Node, index: int) -> Node:
+        return self.call(operator.getitem, node, index)
+
+    def narrow(self, x: Node, dim: int, start: int, length: int) -> Node:
+        if self.dialect == "torch":
+            return self.method("narrow", x, dim, start, length)
+        return self.call(aten.slice.Tensor, x, dim, start, start + length)
+
+    def contiguous(self, x: Node) -> Node:
+        if self.dialect == "torch":
+            return self.method("contiguous", x)
+        return self.call(aten.clone.default, x, memory_format=torch.contiguous_format)
+
+    def is_contiguous(self, x: Node) -> bool:
+        return bool(self._value(x).is_contiguous())
+
+    def reshape(self, x: Node, shape: Sequence[int], like: Node | None = None) -> Node:
+        """A view where the strides allow one, else a copy; `like` keeps the original op's kind."""
+        shape = [int(s) for s in shape]
+        if self.dialect == "torch":
+            return self.method("reshape", x, shape)
+        viewable = True
+        try:
+            with self.mode:
+                self._value(x).view(shape)
+        except RuntimeError:
+            viewable = False
+        if not viewable:
+            return self.call(aten._unsafe_view.default, self.contiguous(x), shape)
+        target = like.target if like is not None and like.target in (aten._unsafe_view.default,) else aten.view.default
+        return self.call(target, x, shape)
+
+    def cat(self, xs: Sequence[Node], dim: int) -> Node:
+        if self.dialect == "torch":
+            return self.call(torch.cat, list(xs), dim)
+        return self.call(aten.cat.default, list(xs), dim)
+
+    def rollback(self) -> None:
+        for node in reversed(self.created):
+            if not node.users:
+                self.graph.erase_node(node)
+        self.created.clear()

@@ -1,0 +1,171 @@
+"""Dimension algebra: which factor of which axis a tensor's elements come from.
+
+Terms
+- atom: an indivisible factor of a tensor's index space, with a size > 1. A dimension of size 1
+  has no atom. Atoms are created fresh for the dims of a chain's root tensor and are refined
+  (split into an outer and an inner atom) when a later reshape cuts through one; a refinement is
+  global, so every layout that mentions the atom sees the finer pair.
+- layout: for each dimension of a tensor, the atoms (major to minor) whose product is its size.
+  Two tensors whose layouts name the same atom index the same elements along that factor.
+
+Layout-only ops move elements without computing on them, so a layout op maps an input layout to
+an output layout by rules alone:
+1. regroup (view, reshape, flatten, unflatten): flatten the atoms in row-major order and cut them
+   into the new sizes, refining an atom where a boundary falls inside it.
+2. permute and transpose: reorder the dims.
+3. squeeze and unsqueeze: drop or add an empty dim.
+4. select (and unbind, and an equal split): fix the index of a whole dim; its atoms disappear.
+5. identity (contiguous, clone, detach, alias, wait on an already waited tensor).
+
+An all-to-all with equal splits over P ranks is the one non-local step: the first atoms of the send
+buffer whose sizes multiply to P name the destination rank; the receive buffer has the same shape,
+with a fresh "source rank" atom of size P replacing that prefix. `LayoutError` says why an op
+could not be followed; callers turn it into a skip reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Atom = int
+Layout = tuple[tuple[Atom, ...], ...]
+
+
+class LayoutError(Exception):
+    """An op whose effect on the atoms cannot be proven."""
+
+
+@dataclass
+class AtomSpace:
+    """All atoms of one site, with their sizes and refinements."""
+
+    sizes: dict[Atom, int]
+    refined: dict[Atom, tuple[Atom, Atom]]
+
+    def __init__(self) -> None:
+        self.sizes = {}
+        self.refined = {}
+
+    def new(self, size: int) -> tuple[Atom, ...]:
+        """A fresh atom for a dim of `size`, or none for size 1."""
+        if size == 1:
+            return ()
+        atom = len(self.sizes)
+        self.sizes[atom] = size
+        return (atom,)
+
+    def root(self, shape: Sequence[int]) -> Layout:
+        return tuple(self.new(int(s)) for s in shape)
+
+    def expand(self, atoms: Sequence[Atom]) -> tuple[Atom, ...]:
+        out: list[Atom] = []
+        for atom in atoms:
+            if atom in self.refined:
+                out.extend(self.expand(self.refined[atom]))
+            else:
+                out.append(atom)
+        return tuple(out)
+
+    def resolve(self, layout: Layout) -> Layout:
+        return tuple(self.expand(dim) for dim in layout)
+
+    def size(self, atoms: Sequence[Atom], override: dict[Atom, int] | None = None) -> int:
+        override = override or {}
+        return math.prod(override.get(a, self.sizes[a]) for a in self.expand(atoms))
+
+    def shape(self, layout: Layout, override: dict[Atom, int] | None = None) -> tuple[int, ...]:
+        """The dims' sizes, with some atoms resized (a head chunk instead of all local heads)."""
+        return tuple(self.size(dim, override) for dim in layout)
+
+    def split(self, atom: Atom, outer: int) -> tuple[Atom, Atom]:
+        size = self.sizes[atom]
+        if outer <= 1 or outer >= size or size % outer:
+            raise LayoutError(f"cannot split a factor of size {size} into {outer} x {size // max(outer, 1)}")
+        (o,) = self.new(outer)
+        (i,) = self.new(size // outer)
+        self.refined[atom] = (o, i)
+        return o, i
+
+    # -- rules -------------------------------------------------------------------------------
+
+    def regroup(self, layout: Layout, shape: Sequence[int]) -> Layout:
+        flat = list(self.expand([a for dim in layout for a in dim]))
+        out: list[tuple[Atom, ...]] = []
+        for target in (int(s) for s in shape):
+            group: list[Atom] = []
+            have = 1
+            while have < target:
+                if not flat:
+                    raise LayoutError(f"reshape to {tuple(shape)} does not match the input's size")
+                atom = flat[0]
+                size = self.sizes[atom]
+                if target % (have * size) == 0:
+                    group.append(flat.pop(0))
+                    have *= size
+                elif size % (target // have) == 0 and target % have == 0:
+                    outer, inner = self.split(atom, target // have)
+                    group.append(outer)
+                    flat[0] = inner
+                    have = target
+                else:
+                    raise LayoutError(f"reshape to {tuple(shape)} mixes factors it cannot separate")
+            out.append(tuple(group))
+        if flat:
+            raise LayoutError(f"reshape to {tuple(shape)} does not match the input's size")
+        return tuple(out)
+
+    def exchange(self, layout: Layout, world_size: int) -> tuple[Layout, tuple[Atom, ...], tuple[Atom, ...]]:
+        """All-to-all over dim 0: returns (receive layout, destination atoms, source atoms)."""
+        if not layout:
+            raise LayoutError("all-to-all of a 0-d tensor")
+        dim0 = list(self.expand(layout[0]))
+        if self.size(dim0) % world_size:
+            raise LayoutError(f"dim 0 of size {self.size(dim0)} is not divisible by {world_size} ranks")
+        dest: list[Atom] = []
+        have = 1
+        while have < world_size:
+            atom = dim0[0]
+            size = self.sizes[atom]
+            if world_size % (have * size) == 0:
+                dest.append(dim0.pop(0))
+                have *= size
+            else:
+                outer, inner = self.split(atom, world_size // have)
+                dest.append(outer)
+                dim0[0] = inner
+                have = world_size
+        src = self.new(world_size)
+        return (src + tuple(dim0),) + tuple(layout[1:]), tuple(dest), src
+
+
+def permute(layout: Layout, dims: Sequence[int]) -> Layout:
+    dims = [d % len(layout) for d in dims] if layout else []
+    if sorted(dims) != list(range(len(layout))):
+        raise LayoutError(f"permute{tuple(dims)} is not a permutation of {len(layout)} dims")
+    return tuple(layout[d] for d in dims)
+
+
+def transpose(layout: Layout, d0: int, d1: int) -> Layout:
+    order = list(range(len(layout)))
+    order[d0 % len(layout)], order[d1 % len(layout)] = order[d1 % len(layout)], order[d0 % len(layout)]
+    return permute(layout, order)
+
+
+def unsqueeze(layout: Layout, dim: int) -> Layout:
+    dim = dim % (len(layout) + 1)
+    return layout[:dim] + ((),) + layout[dim:]
+
+
+def squeeze(layout: Layout, dims: Sequence[int]) -> Layout:
+    dims = {d % len(layout) for d in dims}
+    if any(layout[d] for d in dims):
+        raise LayoutError("squeeze of a dim whose size is not 1")
+    return tuple(dim for i, dim in enumerate(layout) if i not in dims)
+
+
+def select(layout: Layout, dim: int) -> Layout:
+    """Fixing one index of `dim` removes it; the caller checks that no chunked atom lives there."""
+    dim = dim % len(layout)
+    return layout[:dim] + layout[dim + 1 :]

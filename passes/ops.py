@@ -1,0 +1,246 @@
+"""What a traced node means, whatever the tracer that produced it.
+
+Terms
+- dialect: "aten" for graphs of OpOverloads (make_fx, torch.export, AOTAutograd) and "torch" for
+  Dynamo graphs (torch functions, `call_method` nodes, OpOverloadPackets).
+- layout op: a node that only moves elements of one tensor (see `layout.py`); `LayoutOp` names its
+  kind and the arguments the dimension algebra needs.
+- attention op: SDPA in any of its forms; `AttentionOp` says where q, k, v and the options sit.
+- exchange op: the functional all-to-all; a wait is the node that completes it.
+
+Steps of `layout_op(node)`:
+1. Normalise the target to a name (`aten.view.default`, `torch.reshape` and `x.reshape()` are all
+   "reshape"-like).
+2. Read the dims the op touches from its arguments (Dynamo passes them as varargs or a list).
+3. Return None for anything else; callers stop their walk there.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+REGROUP = "regroup"
+PERMUTE = "permute"
+TRANSPOSE = "transpose"
+SQUEEZE = "squeeze"
+UNSQUEEZE = "unsqueeze"
+SELECT = "select"
+UNBIND = "unbind"
+IDENTITY = "identity"
+
+
+@dataclass(frozen=True)
+class LayoutOp:
+    kind: str
+    source: Node
+    dims: tuple[int, ...] = ()
+    # regroup ops whose shape argument must be rewritten when a chunk changes the sizes
+    reshape_target: str | None = None
+
+
+def target_name(node: Node) -> str:
+    """A dialect-free name: "view" for aten.view.default, torch.Tensor.view and x.view()."""
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _ints(values: Sequence[Any]) -> tuple[int, ...]:
+    if len(values) == 1 and isinstance(values[0], (list, tuple, torch.Size)):
+        values = values[0]
+    if not all(isinstance(v, int) for v in values):
+        raise TypeError("dims are not static integers")
+    return tuple(values)
+
+
+_REGROUP = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as"}
+_IDENTITY = {"contiguous", "clone", "detach", "alias", "lift_fresh_copy"}
+_CALLABLE_OPS: dict[Any, str] = {
+    torch.reshape: "reshape",
+    torch.flatten: "flatten",
+    torch.unflatten: "unflatten",
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.swapaxes: "transpose",
+    torch.swapdims: "transpose",
+    torch.squeeze: "squeeze",
+    torch.unsqueeze: "unsqueeze",
+    torch.select: "select",
+    torch.unbind: "unbind",
+    torch.clone: "clone",
+    torch.detach: "detach",
+}
+
+
+def _tensor_input(node: Node) -> Node | None:
+    arg = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    return arg if isinstance(arg, Node) else None
+
+
+def layout_op(node: Node) -> LayoutOp | None:
+    """The layout meaning of `node`, or None when it computes, or its effect cannot be proven."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    name = _CALLABLE_OPS.get(node.target, target_name(node)) if node.op == "call_function" else str(node.target)
+    source = _tensor_input(node)
+    if source is None:
+        return None
+    if is_wait(node):
+        # A wait completes a collective; on anything else (a waited tensor, a view of one) it is a no-op.
+        return None if _is_c10d(source) and not is_wait(source) else LayoutOp(IDENTITY, source)
+    rest = list(node.args[1:])
+    try:
+        if name in _REGROUP:
+            return LayoutOp(REGROUP, source, reshape_target=name)
+        if name in _IDENTITY:
+            fmt = node.kwargs.get("memory_format", torch.contiguous_format)
+            if fmt not in (torch.contiguous_format, torch.preserve_format):
+                return None
+            return LayoutOp(IDENTITY, source)
+        if name == "permute":
+            return LayoutOp(PERMUTE, source, _ints(rest or [node.kwargs["dims"]]))
+        if name in ("transpose", "swapaxes", "swapdims"):
+            return LayoutOp(TRANSPOSE, source, _ints(rest or [node.kwargs["dim0"], node.kwargs["dim1"]]))
+        if name == "unsqueeze":
+            return LayoutOp(UNSQUEEZE, source, _ints(rest or [node.kwargs["dim"]]))
+        if name == "squeeze":
+            dims = rest or ([node.kwargs["dim"]] if "dim" in node.kwargs else [])
+            return LayoutOp(SQUEEZE, source, _ints(dims)) if dims else None
+        if name == "select":
+            dim = rest[0] if rest else node.kwargs["dim"]
+            return LayoutOp(SELECT, source, _ints([dim]))
+        if name == "unbind":
+            return LayoutOp(UNBIND, source, _ints(rest or [node.kwargs.get("dim", 0)]))
+    except (TypeError, KeyError):
+        return None
+    return None
+
+
+def unbind_item(node: Node) -> tuple[Node, int] | None:
+    """`getitem(unbind(x), i)` -> (the unbind node, i)."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node):
+        parent = node.args[0]
+        op = layout_op(parent)
+        if op is not None and op.kind == UNBIND and isinstance(node.args[1], int):
+            return parent, node.args[1]
+    return None
+
+
+# -- exchanges --------------------------------------------------------------------------------
+
+_A2A_NAMES = {"all_to_all_single", "all_to_all_single_autograd"}
+
+
+def is_all_to_all(node: Node) -> bool:
+    return node.op == "call_function" and target_name(node) in _A2A_NAMES and _is_c10d(node)
+
+
+def is_wait(node: Node) -> bool:
+    """Any wait_tensor; `layout_op` tells a real wait (on a collective) from a no-op one."""
+    return node.op == "call_function" and target_name(node) == "wait_tensor" and _is_c10d(node)
+
+
+def _is_c10d(node: Node) -> bool:
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    target = node.target
+    ns = getattr(target, "namespace", None) or getattr(getattr(target, "_schema", None), "name", "").split("::")[0]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        ns = target._qualified_op_name.split("::")[0]
+    return ns in ("_c10d_functional", "_c10d_functional_autograd")
+
+
+@dataclass(frozen=True)
+class ExchangeArgs:
+    input: Node
+    output_splits: Any
+    input_splits: Any
+    group: Any
+
+
+def exchange_args(node: Node) -> ExchangeArgs:
+    names = ("input", "output_split_sizes", "input_split_sizes", "group_name")
+    values = dict(zip(names, node.args))
+    values.update(node.kwargs)
+    return ExchangeArgs(values["input"], values["output_split_sizes"], values["input_split_sizes"], values["group_name"])
+
+
+# -- attention --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionOp:
+    """Where an attention op keeps its arguments; `mask`, `dropout`... are parameter names."""
+
+    kernel: str
+    params: tuple[str, ...]  # positional parameter names, in order
+    mask: str | None
+    returns_tuple: bool
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _aten_attention() -> dict[Any, AttentionOp]:
+    table: dict[Any, AttentionOp] = {
+        aten.scaled_dot_product_attention.default: AttentionOp("sdpa", _SDPA_PARAMS, "attn_mask", False),
+    }
+    kernels = {
+        "_scaled_dot_product_flash_attention_for_cpu": ("flash_cpu", "attn_mask"),
+        "_scaled_dot_product_flash_attention": ("flash", None),
+        "_scaled_dot_product_efficient_attention": ("efficient", "attn_bias"),
+        "_scaled_dot_product_cudnn_attention": ("cudnn", "attn_bias"),
+    }
+    for op_name, (kernel, mask) in kernels.items():
+        packet = getattr(aten, op_name, None)
+        if packet is None:
+            continue
+        overload = packet.default
+        params = tuple(a.name for a in overload._schema.arguments)
+        table[overload] = AttentionOp(kernel, params, mask, True)
+    return table
+
+
+_ATTENTION: dict[Any, AttentionOp] = {
+    F.scaled_dot_product_attention: AttentionOp("sdpa", _SDPA_PARAMS, "attn_mask", False),
+    aten.scaled_dot_product_attention: AttentionOp("sdpa", _SDPA_PARAMS, "attn_mask", False),
+    **_aten_attention(),
+}
+
+
+def attention_op(node: Node) -> AttentionOp | None:
+    if node.op != "call_function":
+        return None
+    return _ATTENTION.get(node.target)
+
+
+def attention_args(node: Node, op: AttentionOp) -> dict[str, Any]:
+    """All arguments by parameter name, defaults filled in for the options HCMS checks."""
+    values: dict[str, Any] = {"attn_mask": None, "attn_bias": None, "dropout_p": 0.0, "is_causal": False,
+                              "scale": None, "enable_gqa": False}
+    values.update(zip(op.params, node.args))
+    values.update(node.kwargs)
+    return values
+
+
+def replace_attention_inputs(node: Node, op: AttentionOp, new: dict[str, Node]) -> tuple[tuple, dict]:
+    """The node's args and kwargs with some tensor parameters replaced."""
+    args = tuple(new.get(name, value) for name, value in zip(op.params, node.args))
+    kwargs = {k: new.get(k, v) for k, v in node.kwargs.items()}
+    return args, kwargs
+

@@ -1,0 +1,188 @@
+"""Rewrite one matched site into per-chunk nodes in pipeline order.
+
+Terms
+- chunk: a contiguous range [start, start + size) of the site's local heads. Chunking the local
+  head atom (never the global head axis) keeps every head on the rank that owned it.
+- override: the atom sizes of a chunk (the head atom resized), from which every replayed reshape
+  gets its shape.
+- slice point: the earliest node on an input's send path where the head atom is a whole dim, so
+  that the slice is a view and the path's own copy (its `contiguous`) is the only copy.
+- annotation: `node.meta["hcms"] = {"site", "chunk", "role", "stream"}` on every new node; the
+  stream is "comm" for all-to-alls and their waits, "compute" otherwise.
+
+Steps of `rewrite_site(graph, site, plan)`:
+1. For each chunk and each input exchange: slice at the slice point (or view the send buffer by
+   atoms and slice it), replay the rest of the send path with the chunk's sizes, exchange, wait,
+   and replay the receive tree up to q, k, v.
+2. Per chunk: the attention op on the chunk's q, k, v; replay the output path; exchange; wait.
+3. Reassemble: view each chunk's receive buffer by atoms, concatenate on the head atom, view back
+   to the original receive shape, and hand that to the original output wait's users.
+4. Order the new nodes with `schedule.pipeline_order`, then erase the original site.
+Any shape that does not check raises `EmitError` before the original nodes are touched; the
+caller then calls `Emitter.rollback()` and the site stays as it was.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+from torch.fx import Graph, Node
+
+from .emit import Emitter
+from .layout import Atom
+from .match import InputExchange, Site, shape_of
+from .ops import REGROUP, attention_args, exchange_args, layout_op, replace_attention_inputs
+from .plan import ChunkPlan
+from .schedule import ChunkStages, apply_order, pipeline_order
+
+COMM = "comm"
+COMPUTE = "compute"
+
+
+class _SiteWriter:
+    def __init__(self, emitter: Emitter, site: Site) -> None:
+        self.emit = emitter
+        self.site = site
+        self.atoms = site.atoms
+        self.layouts = site.layouts
+
+    def tag(self, since: int, chunk: int | None, role: str, stream: str = COMPUTE) -> list[Node]:
+        nodes = self.emit.created[since:]
+        for node in nodes:
+            node.meta["hcms"] = {"site": self.site.index, "chunk": chunk, "role": role, "stream": stream}
+        return nodes
+
+    def mark(self) -> int:
+        return len(self.emit.created)
+
+    # -- replaying layout nodes ----------------------------------------------------------------
+    def replay(self, nodes: Iterable[Node], mapping: dict[Node, Node], override: dict[Atom, int]) -> None:
+        for node in nodes:
+            step = layout_op(node)
+            if step is not None and step.kind == REGROUP:
+                shape = self.atoms.shape(self.layouts[node], override)
+                mapping[node] = self.emit.reshape(mapping[step.source], shape, like=node)
+            else:
+                mapping[node] = self.emit.copy(node, mapping)
+
+    def atom_view(self, node: Node, source: Node, override: dict[Atom, int]) -> tuple[Node, int, int]:
+        """`node` (contiguous) viewed with one dim per atom; returns it, the head dim and rank."""
+        flat = self.atoms.expand([a for dim in self.layouts[source] for a in dim])
+        shape = [override.get(a, self.atoms.sizes[a]) for a in flat]
+        return self.emit.reshape(node, shape), flat.index(self._head_of(source)), len(shape)
+
+    def _head_of(self, node: Node) -> Atom:
+        for ex in self.site.inputs:
+            if node in ex.send_path:
+                return ex.head
+        return self.site.output.head
+
+    def exchange(self, send: Node, original: Node, override: dict[Atom, int], like_layout: Node) -> Node:
+        if not self.emit.is_contiguous(send):
+            send = self.emit.contiguous(send)
+        args = exchange_args(original)
+        rows = self.atoms.shape(self.layouts[like_layout], override)[0]
+        splits = [rows // self.site.world_size] * self.site.world_size
+        out_splits = splits if args.output_splits else args.output_splits
+        in_splits = splits if args.input_splits else args.input_splits
+        return self.emit.call(original.target, send, out_splits, in_splits, args.group)
+
+    # -- step 1 --------------------------------------------------------------------------------
+    def send(self, ex: InputExchange, start: int, size: int, override: dict[Atom, int]) -> Node:
+        mapping: dict[Node, Node] = {}
+        for i, node in enumerate(ex.send_path):
+            dims = self.atoms.resolve(self.layouts[node])
+            if (ex.head,) in dims:
+                mapping[node] = self.emit.narrow(node, dims.index((ex.head,)), start, size)
+                self.replay(ex.send_path[i + 1 :], mapping, override)
+                return mapping[ex.send_path[-1]]
+        buffer = ex.send_path[-1]
+        view, dim, _ = self.atom_view(buffer, buffer, {})
+        piece = self.emit.contiguous(self.emit.narrow(view, dim, start, size))
+        return self.emit.reshape(piece, self.atoms.shape(self.layouts[buffer], override))
+
+    # -- steps 1 to 3 for one chunk ------------------------------------------------------------
+    def chunk(self, c: int, start: int, size: int) -> ChunkStages:
+        site, stages = self.site, ChunkStages()
+        override = {ex.head: size for ex in site.inputs} | {site.output.head: size}
+        mapping: dict[Node, Node] = {}
+        for ex in site.inputs:
+            mark = self.mark()
+            send = self.send(ex, start, size, override)
+            stages.send += self.tag(mark, c, "send_layout")
+            mark = self.mark()
+            a2a = self.exchange(send, ex.all_to_all, override, ex.send_path[-1])
+            stages.send += self.tag(mark, c, "all_to_all", COMM)
+            mark = self.mark()
+            mapping[ex.wait] = self.emit.call(ex.wait.target, a2a)
+            stages.receive += self.tag(mark, c, "wait", COMM)
+            mark = self.mark()
+            self.replay(ex.receive, mapping, override)
+            stages.receive += self.tag(mark, c, "receive_layout")
+
+        mark = self.mark()
+        attention = site.attention
+        qkv = attention_args(attention, site.op)
+        args, kwargs = replace_attention_inputs(attention, site.op, {k: mapping[qkv[k]] for k in ("query", "key", "value")})
+        out = self.emit.call(attention.target, *args, **kwargs)
+        if site.op.returns_tuple:
+            out = self.emit.getitem(out, 0)
+        stages.attend += self.tag(mark, c, "attention")
+        mark = self.mark()
+        outputs = {site.output.source: out}
+        self.replay(site.output.send_path, outputs, override)
+        buffer = site.output.send_path[-1] if site.output.send_path else site.output.source
+        stages.attend += self.tag(mark, c, "output_layout")
+        mark = self.mark()
+        a2a = self.exchange(outputs[buffer], site.output.all_to_all, override, buffer)
+        stages.attend += self.tag(mark, c, "output_all_to_all", COMM)
+        mark = self.mark()
+        wait = self.emit.call(site.output.wait.target, a2a)
+        stages.collect += self.tag(mark, c, "output_wait", COMM)
+        mark = self.mark()
+        self.collected.append(self.atom_view(wait, site.output.wait, override))
+        stages.collect += self.tag(mark, c, "collect")
+        return stages
+
+    def run(self, plan: ChunkPlan) -> None:
+        self.collected: list[tuple[Node, int, int]] = []
+        stages = [self.chunk(c, start, size)
+                  for c, (start, size) in enumerate(zip(plan.offsets, plan.chunk_sizes))]
+        mark = self.mark()
+        final_wait = self.site.output.wait
+        dim = self.collected[0][1]
+        joined = self.emit.cat([view for view, _, _ in self.collected], dim)
+        result = self.emit.reshape(joined, shape_of(final_wait))
+        tail = self.tag(mark, None, "reassemble")
+        apply_order(pipeline_order(stages, tail), self.site.attention)
+        final_wait.replace_all_uses_with(result)
+        _erase_site(self.emit.graph, self.site)
+
+
+def _erase_site(graph: Graph, site: Site) -> None:
+    out = site.output
+    doomed: list[Node] = [out.wait, out.all_to_all, *reversed(out.send_path)]
+    if out.source is not site.attention:
+        doomed.append(out.source)
+    doomed += [u for u in site.attention.users if u.target is operator.getitem and u is not out.source]
+    doomed.append(site.attention)
+    for ex in site.inputs:
+        doomed += [*reversed(ex.receive), ex.wait, ex.all_to_all]
+    for ex in site.inputs:
+        doomed += reversed(ex.send_path[1:])
+    erased: set[Node] = set()
+    for node in doomed:
+        # send paths may be shared with other users, and so may survive
+        if node not in erased and not node.users:
+            graph.erase_node(node)
+            erased.add(node)
+
+
+def rewrite_site(graph: Graph, site: Site, plan: ChunkPlan) -> None:
+    emitter = Emitter(graph, site.attention)
+    try:
+        _SiteWriter(emitter, site).run(plan)
+    except Exception:
+        emitter.rollback()
+        raise
