@@ -7,17 +7,19 @@ import logging
 
 import torch.fx
 
-from .passes import ChunkSpec, Site, match_sites, plan_site, rewrite_site, validate_chunks
+from .passes import ChunkSpec, Site, Skip, match_sites, plan_site, rewrite_site, validate_chunks
 from .passes.emit import EmitError
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
 
 log = logging.getLogger("hcms_compile")
 
 
-def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2) -> RewriteResult:
+def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2, exact: bool = True) -> RewriteResult:
     """Chunk every provable all-to-all -> attention -> all-to-all site of `gm` by local heads.
 
     `chunks` is a chunk count (split evenly, larger chunks first) or local-head counts per chunk.
+    With `exact=True` a site is chunked only where the attention kernel is known to keep its bits
+    (see `hcms_compile.passes.exactness`); `exact=False` chunks anyway and says so in the report.
     `gm` is not mutated; the result holds a new GraphModule and one report per attention op.
     """
     if not isinstance(gm, torch.fx.GraphModule):
@@ -26,27 +28,28 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2) -> RewriteResult
     graph = copy.deepcopy(gm.graph)
     out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(getattr(gm, "meta", {}))
-    reports = []
-    for found in match_sites(out):
-        reports.append(_apply(out, found, spec))
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be a bool, got {exact!r}")
+    reports = [_apply(out, found, spec, exact) for found in match_sites(out)]
     if any(r.rewritten for r in reports):
         out.graph.lint()
         out.recompile()
     for report in reports:
         log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
-    return RewriteResult(out if any(r.rewritten for r in reports) else gm, reports)
+    return RewriteResult(out, reports)
 
 
-def _apply(gm: torch.fx.GraphModule, found, spec: ChunkSpec) -> SiteReport:
+def _apply(gm: torch.fx.GraphModule, found: Site | Skip, spec: ChunkSpec, exact: bool) -> SiteReport:
     base = dict(index=found.index, attention=found.attention.name, kernel=found.kernel,
                 world_size=found.world_size, local_heads=found.local_heads)
     if not isinstance(found, Site):
         return SiteReport(status=SKIPPED, reason=found.reason, **base)
-    plan = plan_site(found.local_heads, spec)
+    plan = plan_site(found, spec, exact)
     if isinstance(plan, str):
         return SiteReport(status=SKIPPED, reason=plan, exchanges=len(found.inputs), **base)
     try:
         rewrite_site(gm.graph, found, plan)
     except EmitError as err:
         return SiteReport(status=SKIPPED, reason=f"rewrite did not check: {err}", **base)
-    return SiteReport(status=REWRITTEN, chunk_sizes=plan.chunk_sizes, exchanges=len(found.inputs), **base)
+    return SiteReport(status=REWRITTEN, chunk_sizes=plan.chunk_sizes, exchanges=len(found.inputs),
+                      bitwise=plan.exactness.bitwise, exactness=plan.exactness.why, **base)

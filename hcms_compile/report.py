@@ -24,6 +24,8 @@ class SiteReport:
     local_heads: int | None = None
     chunk_sizes: tuple[int, ...] = ()
     exchanges: int = 0  # input all-to-alls per chunk (3 for q, k, v; 1 when fused)
+    bitwise: bool | None = None  # for rewritten sites: is the chunked kernel known to keep its bits
+    exactness: str = ""  # what that verdict rests on
 
     @property
     def rewritten(self) -> bool:
@@ -44,11 +46,18 @@ class RewriteResult:
             return "no all-to-all -> attention -> all-to-all site found: graph unchanged"
         rows = [
             (s.index, s.attention, s.kernel, s.status, s.world_size or "-", s.local_heads or "-",
-             "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", s.reason)
+             "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", _bits(s), s.reason)
             for s in self.sites
         ]
-        headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "reason")
+        headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "bits",
+                   "reason")
         return tabulate(rows, headers=headers, tablefmt="simple")
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _bits(site: SiteReport) -> str:
+    if site.bitwise is None:
+        return "-"
+    return "exact" if site.bitwise else "may differ"

@@ -15,6 +15,7 @@ Steps of each `Emitter` call:
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,27 @@ def _fake_mode(graph: Graph) -> FakeTensorMode:
     vals = [n.meta.get("val", n.meta.get("example_value")) for n in graph.nodes]
     mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     return mode if mode is not None else FakeTensorMode()
+
+
+def viewable(shape: tuple[int, ...], stride: tuple[int, ...], new_shape: Sequence[int]) -> bool:
+    """Whether eager `view` accepts this reshape; ATen's stride rule (fake tensors are laxer)."""
+    if math.prod(shape) == 0 or not shape:
+        return True
+    view_d = len(new_shape) - 1
+    base = stride[-1]
+    tensor_numel = view_numel = 1
+    for d in range(len(shape) - 1, -1, -1):
+        tensor_numel *= shape[d]
+        if d == 0 or (shape[d - 1] != 1 and stride[d - 1] != tensor_numel * base):
+            while view_d >= 0 and (view_numel < tensor_numel or new_shape[view_d] == 1):
+                view_numel *= new_shape[view_d]
+                view_d -= 1
+            if view_numel != tensor_numel:
+                return False
+            if d > 0:
+                base = stride[d - 1]
+                tensor_numel = view_numel = 1
+    return view_d == -1
 
 
 class Emitter:
@@ -122,15 +144,13 @@ class Emitter:
         shape = [int(s) for s in shape]
         if self.dialect == "torch":
             return self.method("reshape", x, shape)
-        viewable = True
-        try:
-            with self.mode:
-                self._value(x).view(shape)
-        except RuntimeError:
-            viewable = False
-        if not viewable:
+        if like is not None and like.target is aten.reshape.default:
+            return self.call(aten.reshape.default, x, shape)  # graphs that keep reshape (export) get it back
+        val = self._value(x)
+        if not viewable(tuple(val.shape), tuple(val.stride()), shape):
             return self.call(aten._unsafe_view.default, self.contiguous(x), shape)
-        target = like.target if like is not None and like.target in (aten._unsafe_view.default,) else aten.view.default
+        target = aten._unsafe_view.default if like is not None and like.target is aten._unsafe_view.default \
+            else aten.view.default
         return self.call(target, x, shape)
 
     def cat(self, xs: Sequence[Node], dim: int) -> Node:

@@ -48,6 +48,7 @@ from .ops import (
     attention_args,
     attention_op,
     exchange_args,
+    inplace_fill,
     is_all_to_all,
     is_wait,
     layout_op,
@@ -70,6 +71,7 @@ class InputExchange:
     receive: tuple[Node, ...]  # graph order, from the first node after the waits to q/k/v
     head: Atom
     feeds: tuple[str, ...]  # which of query, key, value this exchange carries
+    fill: Node | None = None  # `copy_(buffer, wait)` of an in-place exchange; the buffer is in `receive`
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class OutputExchange:
     all_to_all: Node
     wait: Node
     head: Atom
+    fill: Node | None = None  # `copy_(buffer, wait)` of an in-place exchange
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Site:
     group: Any
     world_size: int
     local_heads: int
+    qkv: dict[str, Node]
     atoms: AtomSpace
     layouts: dict[Node, Layout] = field(repr=False)
 
@@ -109,9 +113,14 @@ class Skip:
     local_heads: int | None = None
 
 
+def value_of(node: Node) -> Any:
+    """The (fake) value the tracer recorded for `node`, or None."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
 def shape_of(node: Node) -> tuple[int, ...]:
     """The static shape recorded by the tracer; NoMatch when absent or symbolic."""
-    val = node.meta.get("val", node.meta.get("example_value"))
+    val = value_of(node)
     shape = getattr(val, "shape", None)
     if shape is None:
         tm = node.meta.get("tensor_meta")
@@ -223,7 +232,7 @@ class _Matcher:
             exchanges.append(self._input_exchange(a2a, wait, feeds, nodes, qkv, world))
         output = self._output_exchange(exchanges[0], group, world)
         return Site(self.index, self.attention, self.op, tuple(exchanges), output, group, world,
-                    self.local_heads, self.atoms, self.layouts)
+                    self.local_heads, qkv, self.atoms, self.layouts)
 
     def _walk_back(self, name: str, node: Node) -> tuple[Node, Node, list[Node]]:
         """From q, k or v back through layout ops to the wait that completes an all-to-all."""
@@ -233,6 +242,11 @@ class _Matcher:
             if item is not None:
                 path.append(node)
                 node = item[0]
+            fill = inplace_fill(node)
+            if fill is not None:
+                path.append(node)
+                node = fill.args[1]
+                break
             step = layout_op(node)
             if step is None:
                 break
@@ -262,6 +276,9 @@ class _Matcher:
 
     def _follow(self, node: Node) -> Layout:
         """The layout of a layout-op node from its source's (already known) layout."""
+        fill = inplace_fill(node)
+        if fill is not None:
+            return self.layouts[fill.args[1]]
         item = unbind_item(node)
         if item is not None:
             parent, _ = item
@@ -302,7 +319,10 @@ class _Matcher:
         received, dest, src = self.atoms.exchange(self.layouts[send.input], world)
         self.layouts[a2a] = self.layouts[wait] = received
         receive = tuple(sorted(nodes, key=_position(a2a.graph)))
-        allowed = set(receive) | {self.attention}
+        fills = {inplace_fill(n) for n in receive} - {None}
+        if len(fills) > 1 or (fills and next(iter(fills)).args[1] is not wait):
+            raise NoMatch(f"{a2a.name}'s result is copied into more than one buffer")
+        allowed = set(receive) | fills | {self.attention}
         for node in (wait, *receive):
             outside = [u.name for u in node.users if u not in allowed]
             if outside:
@@ -320,7 +340,7 @@ class _Matcher:
             if seq[: len(src)] != src:
                 raise NoMatch(f"{a2a.name} does not gather the sequence: the source rank is not the "
                               f"leading factor of {name}'s sequence axis")
-        return InputExchange(a2a, wait, path, receive, head, tuple(feeds))
+        return InputExchange(a2a, wait, path, receive, head, tuple(feeds), next(iter(fills), None))
 
     def _head_atom(self, node: Node, name: str, dest: tuple[Atom, ...]) -> Atom:
         group = self.atoms.expand(self.layouts[node][-3])
@@ -363,13 +383,20 @@ class _Matcher:
 
         path: list[Node] = []
         node = source
+        fill: Node | None = None
         while True:
-            if len(node.users) != 1:
-                raise NoMatch(f"attention output {node.name} has {len(node.users)} users; expected one "
-                              "path to an all-to-all")
-            (user,) = node.users
-            if is_all_to_all(user):
+            users = set(node.users)
+            buffers = {u for u in users if inplace_fill(u) is not None}
+            a2as = {u for u in users if is_all_to_all(u)}
+            if a2as and len(users - buffers) == 1 and len(buffers) <= 1:
+                user = next(iter(a2as))
+                if buffers:
+                    fill = inplace_fill(next(iter(buffers)))
                 break
+            if len(users) != 1:
+                raise NoMatch(f"attention output {node.name} has {len(users)} users; expected one "
+                              "path to an all-to-all")
+            (user,) = users
             step = layout_op(user)
             if step is None or step.source is not node or step.kind == UNBIND:
                 raise NoMatch(f"attention output reaches {user.name} ({target_name(user)}) before an all-to-all")
@@ -384,6 +411,8 @@ class _Matcher:
         wait = next(iter(a2a.users)) if len(a2a.users) == 1 else None
         if wait is None or not is_wait(wait):
             raise NoMatch(f"{a2a.name} is not followed by a single wait")
+        if fill is not None and fill.args[1] is not wait:
+            raise NoMatch(f"{a2a.name}'s result is not what fills its in-place buffer")
         received, dest, _ = self.atoms.exchange(self.layouts[args.input], world)
         self.layouts[a2a] = self.layouts[wait] = received
         if head >= 0:
@@ -393,7 +422,7 @@ class _Matcher:
             if dest and seq[: len(dest)] != dest:
                 raise NoMatch(f"{a2a.name} does not scatter the sequence: the rank factor is not the "
                               "leading factor of the attention output's sequence axis")
-        return OutputExchange(source, tuple(path), a2a, wait, head)
+        return OutputExchange(source, tuple(path), a2a, wait, head, fill)
 
     def _q_node(self) -> Node:
         return attention_args(self.attention, self.op)["query"]

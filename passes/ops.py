@@ -175,9 +175,9 @@ class ExchangeArgs:
 
 def exchange_args(node: Node) -> ExchangeArgs:
     names = ("input", "output_split_sizes", "input_split_sizes", "group_name")
-    values = dict(zip(names, node.args))
+    values = dict(zip(names, node.args, strict=False))
     values.update(node.kwargs)
-    return ExchangeArgs(values["input"], values["output_split_sizes"], values["input_split_sizes"], values["group_name"])
+    return ExchangeArgs(*(values[name] for name in names))
 
 
 # -- attention --------------------------------------------------------------------------------
@@ -233,14 +233,52 @@ def attention_args(node: Node, op: AttentionOp) -> dict[str, Any]:
     """All arguments by parameter name, defaults filled in for the options HCMS checks."""
     values: dict[str, Any] = {"attn_mask": None, "attn_bias": None, "dropout_p": 0.0, "is_causal": False,
                               "scale": None, "enable_gqa": False}
-    values.update(zip(op.params, node.args))
+    values.update(zip(op.params, node.args, strict=False))
     values.update(node.kwargs)
     return values
 
 
 def replace_attention_inputs(node: Node, op: AttentionOp, new: dict[str, Node]) -> tuple[tuple, dict]:
     """The node's args and kwargs with some tensor parameters replaced."""
-    args = tuple(new.get(name, value) for name, value in zip(op.params, node.args))
+    args = tuple(new.get(name, value) for name, value in zip(op.params, node.args, strict=False))
     kwargs = {k: new.get(k, v) for k, v in node.kwargs.items()}
     return args, kwargs
 
+
+
+# -- in-place exchanges -------------------------------------------------------------------------
+
+
+def _is_empty_like(node: Node) -> bool:
+    if node.op != "call_function":
+        return False
+    return node.target in (torch.empty_like, aten.empty_like.default) and node.kwargs.get(
+        "memory_format", torch.preserve_format) in (torch.preserve_format, torch.contiguous_format)
+
+
+def _is_copy(node: Node) -> bool:
+    if node.op == "call_method":
+        return node.target == "copy_"
+    return node.op == "call_function" and node.target in (aten.copy_.default, torch.Tensor.copy_)
+
+
+def inplace_fill(buffer: Node) -> Node | None:
+    """The `copy_(buffer, wait)` that fills a fresh `empty_like` buffer with a collective's result.
+
+    Dynamo turns `dist.all_to_all_single(out, x)` into a functional all-to-all, a wait and
+    `out.copy_(result)`; readers then read `out`. The buffer is an alias of the wait when it is
+    fresh, filled once, and read only after the fill.
+    """
+    if not _is_empty_like(buffer):
+        return None
+    fills = [u for u in buffer.users if _is_copy(u) and u.args[0] is buffer]
+    if len(fills) != 1 or fills[0].users:
+        return None
+    fill = fills[0]
+    source = fill.args[1]
+    if not (isinstance(source, Node) and is_wait(source)):
+        return None
+    order = {n: i for i, n in enumerate(buffer.graph.nodes)}
+    if any(order[u] < order[fill] for u in buffer.users if u is not fill):
+        return None
+    return fill

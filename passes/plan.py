@@ -7,9 +7,12 @@ Terms
 
 Steps:
 1. `validate_chunks` rejects malformed specs before any graph is touched (a clear error).
-2. `plan_site` turns a valid spec into sizes for one site, or a skip reason when the spec does not
-   fit that site (more chunks than local heads, explicit sizes that do not sum to them).
-The plan depends only on the graph's shapes and the spec, so every rank reaches the same plan.
+2. `chunk_sizes` turns a valid spec into sizes for one site, or a skip reason when the spec does
+   not fit that site (more chunks than local heads, explicit sizes that do not sum to them).
+3. `plan_site` asks `exactness.judge` whether the kernel keeps its bits on those chunks; with
+   `exact=True` a chunking that may change bits is a skip, otherwise it is planned and reported.
+The plan depends only on the graph's shapes, the kernel and the spec, so every rank reaches the
+same plan.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .exactness import Exactness, judge
+from .match import Site, value_of
+
 ChunkSpec = int | Sequence[int]
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
     chunk_sizes: tuple[int, ...]
+    exactness: Exactness
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -61,8 +68,8 @@ def even_split(heads: int, chunks: int) -> tuple[int, ...]:
     return tuple(base + 1 if i < extra else base for i in range(chunks))
 
 
-def plan_site(local_heads: int, chunks: ChunkSpec) -> ChunkPlan | str:
-    """The plan for one site, or why it keeps its original form."""
+def chunk_sizes(local_heads: int, chunks: ChunkSpec) -> tuple[int, ...] | str:
+    """Local heads per chunk, or why the spec does not fit the site."""
     if _is_int(chunks):
         if chunks > local_heads:
             return f"{chunks} chunks requested but the site has {local_heads} local head(s)"
@@ -73,4 +80,16 @@ def plan_site(local_heads: int, chunks: ChunkSpec) -> ChunkPlan | str:
             return f"chunk sizes {sizes} sum to {sum(sizes)}, but the site has {local_heads} local heads"
     if len(sizes) == 1:
         return "one chunk: nothing to pipeline"
-    return ChunkPlan(sizes)
+    return sizes
+
+
+def plan_site(site: Site, chunks: ChunkSpec, exact: bool = True) -> ChunkPlan | str:
+    """The plan for one site, or why it keeps its original form."""
+    sizes = chunk_sizes(site.local_heads, chunks)
+    if isinstance(sizes, str):
+        return sizes
+    query, key = (value_of(site.qkv[name]) for name in ("query", "key"))
+    verdict = judge(site.kernel, query, key, sizes)
+    if exact and not verdict.bitwise:
+        return f"chunking may change bits ({verdict.why}); pass exact=False to allow it"
+    return ChunkPlan(sizes, verdict)

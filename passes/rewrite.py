@@ -32,7 +32,7 @@ from torch.fx import Graph, Node
 from .emit import Emitter
 from .layout import Atom
 from .match import InputExchange, Site, shape_of
-from .ops import REGROUP, attention_args, exchange_args, layout_op, replace_attention_inputs
+from .ops import REGROUP, attention_args, exchange_args, inplace_fill, layout_op, replace_attention_inputs
 from .plan import ChunkPlan
 from .schedule import ChunkStages, apply_order, pipeline_order
 
@@ -59,6 +59,10 @@ class _SiteWriter:
     # -- replaying layout nodes ----------------------------------------------------------------
     def replay(self, nodes: Iterable[Node], mapping: dict[Node, Node], override: dict[Atom, int]) -> None:
         for node in nodes:
+            fill = inplace_fill(node)
+            if fill is not None:  # the in-place buffer is the wait's result under another name
+                mapping[node] = mapping[fill.args[1]]
+                continue
             step = layout_op(node)
             if step is not None and step.kind == REGROUP:
                 shape = self.atoms.shape(self.layouts[node], override)
@@ -124,7 +128,8 @@ class _SiteWriter:
         mark = self.mark()
         attention = site.attention
         qkv = attention_args(attention, site.op)
-        args, kwargs = replace_attention_inputs(attention, site.op, {k: mapping[qkv[k]] for k in ("query", "key", "value")})
+        chunk_qkv = {name: mapping[qkv[name]] for name in ("query", "key", "value")}
+        args, kwargs = replace_attention_inputs(attention, site.op, chunk_qkv)
         out = self.emit.call(attention.target, *args, **kwargs)
         if site.op.returns_tuple:
             out = self.emit.getitem(out, 0)
@@ -148,7 +153,7 @@ class _SiteWriter:
     def run(self, plan: ChunkPlan) -> None:
         self.collected: list[tuple[Node, int, int]] = []
         stages = [self.chunk(c, start, size)
-                  for c, (start, size) in enumerate(zip(plan.offsets, plan.chunk_sizes))]
+                  for c, (start, size) in enumerate(zip(plan.offsets, plan.chunk_sizes, strict=True))]
         mark = self.mark()
         final_wait = self.site.output.wait
         dim = self.collected[0][1]
@@ -156,6 +161,11 @@ class _SiteWriter:
         result = self.emit.reshape(joined, shape_of(final_wait))
         tail = self.tag(mark, None, "reassemble")
         apply_order(pipeline_order(stages, tail), self.site.attention)
+        if self.site.output.fill is not None:
+            buffer = self.site.output.fill.args[0]
+            self.emit.graph.erase_node(self.site.output.fill)
+            buffer.replace_all_uses_with(result)
+            self.emit.graph.erase_node(buffer)
         final_wait.replace_all_uses_with(result)
         _erase_site(self.emit.graph, self.site)
 
@@ -168,6 +178,7 @@ def _erase_site(graph: Graph, site: Site) -> None:
     doomed += [u for u in site.attention.users if u.target is operator.getitem and u is not out.source]
     doomed.append(site.attention)
     for ex in site.inputs:
+        doomed += [ex.fill] if ex.fill is not None else []
         doomed += [*reversed(ex.receive), ex.wait, ex.all_to_all]
     for ex in site.inputs:
         doomed += reversed(ex.send_path[1:])

@@ -1,29 +1,28 @@
-"""Shared pytest fixtures."""
+"""Shared fixtures and hypothesis profiles.
+
+`HYPOTHESIS_PROFILE=thorough pytest` runs many more examples than CI's default profile.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
 import torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore
+from hypothesis import HealthCheck, settings
 
-FAKE_WORLD_SIZE = 8
+from hcms_compile.testing import ranks
+
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
 def fake_group() -> Callable[[int], dist.ProcessGroup]:
-    """Init a fake world of 8 once per session; return P -> cached group of ranks 0..P-1.
-
-    Pair it with ``torch.distributed._local_tensor.LocalTensorMode(P)`` for real per-rank data.
-    """
-    if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=FAKE_WORLD_SIZE)
-    groups: dict[int, dist.ProcessGroup] = {}
-
-    def get(p: int) -> dist.ProcessGroup:
-        if p not in groups:
-            groups[p] = dist.new_group(list(range(p)))
-        return groups[p]
-
-    return get
+    """P -> a process group of ranks 0..P-1 in a fake world of 8 (pair with LocalTensorMode(P))."""
+    ranks.fake_world()
+    return ranks.group

@@ -1,0 +1,80 @@
+"""The rewritten graph computes the same bits as the original, on every rank.
+
+Each example draws a Ulysses case (world size, batch, local heads, tokens per rank, head dim,
+dtype, causal, layout, chunk spec), traces the layout's attention, rewrites it and runs both graphs
+on all ranks in one process with LocalTensorMode.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+import hcms_compile
+from hcms_compile.testing.layouts import LAYOUTS
+from hcms_compile.testing.strategies import FUNCTIONAL_LAYOUTS, UlyssesCase, ulysses_cases
+from hcms_compile.testing.tracing import trace
+from tests.helpers import assert_bitwise_on_ranks, assert_close_on_ranks, count_all_to_alls
+
+
+def check_case(case, tracer: str) -> None:
+    gm = trace(case.function(), case.example_inputs(), tracer)
+    before = count_all_to_alls(gm)
+    result = hcms_compile.rewrite(gm, chunks=case.chunks)
+    (site,) = result.sites
+    if case.chunk_count == 1:
+        assert site.status == "skipped" and "one chunk" in site.reason
+        assert result.graph_module.code == gm.code
+        return
+    if not site.rewritten:
+        # the exactness policy refused: the chunking is still correct, but not bit for bit
+        assert site.reason.startswith("chunking may change bits"), site.reason
+        event("skipped by the exactness policy")
+        loose = hcms_compile.rewrite(gm, chunks=case.chunks, exact=False)
+        assert loose.sites[0].rewritten and loose.sites[0].bitwise is False
+        assert_close_on_ranks(gm, loose.graph_module, case)
+        return
+    event("rewritten")
+    assert site.bitwise is True
+    assert site.world_size == case.world_size
+    assert site.local_heads == case.local_heads
+    assert sum(site.chunk_sizes) == case.local_heads and len(site.chunk_sizes) == case.chunk_count
+    # one exchange per input all-to-all and one output exchange, per chunk
+    assert count_all_to_alls(result.graph_module) == before * case.chunk_count
+    assert_bitwise_on_ranks(gm, result.graph_module, case)
+
+
+@settings(max_examples=120)
+@given(ulysses_cases())
+def test_make_fx_graphs_keep_their_bits(case):
+    check_case(case, "make_fx")
+
+
+@settings(max_examples=25)
+@given(ulysses_cases(max_world=4))
+def test_export_graphs_keep_their_bits(case):
+    check_case(case, "export")
+
+
+@settings(max_examples=25)
+@given(ulysses_cases(layouts=tuple(LAYOUTS), max_world=4))
+def test_dynamo_graphs_keep_their_bits(case):
+    check_case(case, "dynamo")
+
+
+@settings(max_examples=20)
+@given(ulysses_cases(max_world=4))
+def test_aot_forward_graphs_keep_their_bits(case):
+    check_case(case, "aot")
+
+
+@given(st.sampled_from(FUNCTIONAL_LAYOUTS), st.sampled_from([(1, 3, 1), 2, (4, 1), 5]),
+       st.sampled_from([torch.float32, torch.bfloat16]))
+@settings(max_examples=20)
+def test_explicit_uneven_chunks_on_every_layout(layout, chunks, dtype):
+    # 4 ranks x 8 tokens: S = 32, a shape the CPU kernel computes identically per head
+    case = UlyssesCase(layout, 4, 2, 5, 8, 8, dtype, True, chunks)
+    gm = trace(case.function(), case.example_inputs(), "make_fx")
+    assert hcms_compile.rewrite(gm, chunks=chunks).sites[0].rewritten
+    check_case(case, "make_fx")
