@@ -82,9 +82,11 @@ class _SiteWriter:
                 return ex.head
         return self.site.output.head
 
+    def contiguous(self, send: Node) -> Node:
+        """All-to-all needs a dense buffer; a slice or a replayed view may not be one."""
+        return send if self.emit.is_contiguous(send) else self.emit.contiguous(send)
+
     def exchange(self, send: Node, original: Node, override: dict[Atom, int], like_layout: Node) -> Node:
-        if not self.emit.is_contiguous(send):
-            send = self.emit.contiguous(send)
         args = exchange_args(original)
         rows = self.atoms.shape(self.layouts[like_layout], override)[0]
         splits = [rows // self.site.world_size] * self.site.world_size
@@ -113,7 +115,7 @@ class _SiteWriter:
         mapping: dict[Node, Node] = {}
         for ex in site.inputs:
             mark = self.mark()
-            send = self.send(ex, start, size, override)
+            send = self.contiguous(self.send(ex, start, size, override))
             stages.send += self.tag(mark, c, "send_layout")
             mark = self.mark()
             a2a = self.exchange(send, ex.all_to_all, override, ex.send_path[-1])
@@ -138,6 +140,7 @@ class _SiteWriter:
         outputs = {site.output.source: out}
         self.replay(site.output.send_path, outputs, override)
         buffer = site.output.send_path[-1] if site.output.send_path else site.output.source
+        outputs[buffer] = self.contiguous(outputs[buffer])
         stages.attend += self.tag(mark, c, "output_layout")
         mark = self.mark()
         a2a = self.exchange(outputs[buffer], site.output.all_to_all, override, buffer)

@@ -92,8 +92,10 @@ def ulysses_cases(
     max_world: int = ranks.MAX_RANKS,
     max_local_heads: int = 8,
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+    min_chunks: int = 2,
+    min_local_heads: int = 1,
 ) -> UlyssesCase:
-    local_heads = draw(st.integers(1, max_local_heads))
+    local_heads = draw(st.integers(min_local_heads, max_local_heads))
     return UlyssesCase(
         layout=draw(st.sampled_from(list(layouts))),
         world_size=draw(st.integers(1, max_world)),
@@ -103,5 +105,5 @@ def ulysses_cases(
         head_dim=draw(st.sampled_from([2, 4, 8])),  # D=1 makes ATen fall back to decomposed math
         dtype=draw(st.sampled_from(list(dtypes))),
         causal=draw(st.booleans()),
-        chunks=draw(chunk_specs(local_heads)),
+        chunks=draw(chunk_specs(local_heads, min_chunks)),
     )

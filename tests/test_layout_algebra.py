@@ -1,0 +1,94 @@
+"""The dimension algebra that matching relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hcms_compile.passes import layout as L
+from hcms_compile.passes.emit import viewable
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def test_reshape_splits_an_axis_into_rank_and_local_heads():
+    atoms = L.AtomSpace()
+    b, s, h, d = atoms.root((2, 3, 8, 5))
+    out = atoms.regroup(((*b,), (*s,), (*h,), (*d,)), (2, 3, 4, 2, 5))
+    rank, local = atoms.refined[h[0]]
+    assert atoms.resolve(out) == (b, s, (rank,), (local,), d)
+    assert atoms.sizes[rank] == 4 and atoms.sizes[local] == 2
+
+
+def test_flatten_then_reshape_round_trips_atoms():
+    atoms = L.AtomSpace()
+    lay = atoms.root((4, 3, 2))
+    flat = atoms.regroup(lay, (24,))
+    assert atoms.resolve(atoms.regroup(flat, (4, 3, 2))) == atoms.resolve(lay)
+
+
+def test_exchange_replaces_the_destination_prefix_with_a_source_atom():
+    atoms = L.AtomSpace()
+    lay = atoms.root((12, 5))  # 12 = 4 ranks x 3
+    received, dest, src = atoms.exchange(lay, 4)
+    assert [atoms.sizes[a] for a in dest] == [4] and [atoms.sizes[a] for a in src] == [4]
+    assert [atoms.sizes[a] for a in atoms.expand(received[0])] == [4, 3]
+
+
+def test_reshape_that_mixes_factors_is_refused():
+    atoms = L.AtomSpace()
+    lay = atoms.root((2, 3))
+    with pytest.raises(L.LayoutError):
+        atoms.regroup(lay, (3, 2))
+
+
+def test_world_size_that_does_not_divide_dim0_is_refused():
+    atoms = L.AtomSpace()
+    with pytest.raises(L.LayoutError):
+        atoms.exchange(atoms.root((6, 2)), 4)
+
+
+def test_chunk_override_resizes_only_the_head_atom():
+    atoms = L.AtomSpace()
+    lay = atoms.root((4, 6, 8))
+    head = lay[1][0]
+    assert atoms.shape(lay, {head: 2}) == (4, 2, 8)
+
+
+@st.composite
+def views(draw):
+    nd = draw(st.integers(1, 5))
+    shape = draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd))
+    x = torch.empty(shape).permute(*draw(st.permutations(range(nd))))
+    dim = draw(st.integers(0, nd - 1))
+    if x.shape[dim] > 1 and draw(st.booleans()):
+        x = x.narrow(dim, 0, x.shape[dim] - 1)
+    factors = [p for n in x.shape for p in _primes(n)]
+    cuts = draw(st.lists(st.booleans(), min_size=len(factors), max_size=len(factors)))
+    new: list[int] = []
+    for f, join in zip(factors, cuts, strict=True):
+        if new and join:
+            new[-1] *= f
+        else:
+            new.append(f)
+    return x, new or [1]
+
+
+def _primes(n: int) -> list[int]:
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
+
+
+@given(views())
+def test_viewable_agrees_with_eager_view(case):
+    x, new = case
+    try:
+        x.view(new)
+        eager = True
+    except RuntimeError:
+        eager = False
+    assert viewable(tuple(x.shape), tuple(x.stride()), new) == eager

@@ -1,0 +1,198 @@
+"""Graphs the pass cannot prove are left exactly as they were, with a reason per site."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+
+import hcms_compile
+from hcms_compile.testing import ranks
+from hcms_compile.testing.layouts import attn_funcol
+from hcms_compile.testing.tracing import trace
+
+P, B, S_LOCAL, H, D = 2, 2, 16, 4, 8
+
+
+def _scatter_heads(x, group, *, strided: bool = False):
+    b, s, h, d = x.shape
+    p = group.size()
+    split = x.reshape(b, s, h // p, p, d).transpose(2, 3) if strided else x.reshape(b, s, p, h // p, d)
+    send = split.permute(2, 0, 1, 3, 4).contiguous()
+    recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+    return recv.permute(1, 3, 0, 2, 4).reshape(b, h // p, p * s, d)
+
+
+def _gather_heads(o, group):
+    b, h, s, d = o.shape
+    p = group.size()
+    send = o.reshape(b, h, p, s // p, d).permute(2, 0, 3, 1, 4).contiguous()
+    recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h, d)
+
+
+def _inputs():
+    return [torch.randn(B, S_LOCAL, H, D) for _ in range(3)]
+
+
+def _skipped(fn, reason: str, n_sites: int = 1, tracer: str = "make_fx"):
+    gm = trace(fn, _inputs(), tracer)
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert len(result.sites) == n_sites
+    assert all(s.status == "skipped" for s in result.sites), result
+    assert any(reason in s.reason for s in result.sites), result
+    assert result.graph_module.code == gm.code
+    return result
+
+
+def test_plain_attention_without_collectives_is_a_skip():
+    _skipped(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "before any all-to-all")
+
+
+def test_cross_attention_whose_keys_do_not_come_from_an_all_to_all():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q = _scatter_heads(q, g)
+        k, v = (t.transpose(1, 2)[:, : H // P].repeat(1, 1, P, 1) for t in (k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    _skipped(fn, "key reaches")
+
+
+def test_mask_is_not_chunked_yet():
+    g = ranks.group(P)
+    mask = torch.ones(P * S_LOCAL, P * S_LOCAL, dtype=torch.bool).tril()
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), g)
+
+    _skipped(fn, "attn_mask is set", tracer="dynamo")
+
+
+def test_dropout_would_change_random_streams():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=0.1), g)
+
+    gm = trace(fn, _inputs(), "dynamo")  # make_fx would bake one random draw in
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert result.sites[0].status == "skipped" and "dropout_p=0.1" in result.sites[0].reason
+    assert result.graph_module.code == gm.code
+
+
+def test_strided_head_ownership_is_not_proven():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g, strided=True) for t in (q, k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    _skipped(fn, "does not scatter heads")
+
+
+def test_exchange_that_does_not_gather_sequence():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        # the source-rank factor lands in the batch axis: attention over S/P tokens only
+        def scatter(x):
+            b, s, h, d = x.shape
+            send = x.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous()
+            recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+            return recv.permute(0, 1, 3, 2, 4).reshape(P * b, h // P, s, d)
+
+        o = F.scaled_dot_product_attention(scatter(q), scatter(k), scatter(v))
+        send = o.reshape(P, B, H // P, S_LOCAL, D).contiguous()
+        return funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+
+    _skipped(fn, "does not gather the sequence")
+
+
+def test_receive_value_used_elsewhere():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g), q.sum()
+
+    _skipped(fn, "also used by")
+
+
+def test_uneven_split_sizes():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        def scatter(x):
+            b, s, h, d = x.shape
+            send = x.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous().flatten(0, 1)
+            rows = send.shape[0]
+            splits = [rows // P + 1, rows // P - 1]
+            recv = funcol.wait_tensor(funcol.all_to_all_single(send, splits, splits, g))
+            return recv.reshape(P, b, s, h // P, d).permute(1, 3, 0, 2, 4).reshape(b, h // P, P * s, d)
+
+        q, k, v = (scatter(t) for t in (q, k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    _skipped(fn, "uneven all-to-all split sizes")
+
+
+def test_grouped_query_attention_is_not_chunked_yet():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q = _scatter_heads(q, g)
+        k, v = (_scatter_heads(t[:, :, : H // 2], g) for t in (k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v, enable_gqa=True), g)
+
+    gm = trace(fn, _inputs(), "dynamo")
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert result.sites[0].status == "skipped" and "grouped-query" in result.sites[0].reason
+    assert result.graph_module.code == gm.code
+
+
+def test_decomposed_attention_is_reported_as_no_site():
+    def fn(q, k, v):
+        w = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return w @ v
+
+    gm = trace(fn, _inputs())
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert result.sites == []
+    assert "no all-to-all -> attention -> all-to-all site found" in str(result)
+    assert result.graph_module.code == gm.code
+
+
+def test_more_chunks_than_local_heads_skips_that_site_only():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        return attn_funcol(q, k, v, g)
+
+    gm = trace(fn, _inputs())
+    result = hcms_compile.rewrite(gm, chunks=3)  # 2 local heads
+    assert "3 chunks requested but the site has 2 local head(s)" in result.sites[0].reason
+    result = hcms_compile.rewrite(gm, chunks=(1, 2))
+    assert "sum to 3, but the site has 2 local heads" in result.sites[0].reason
+    assert result.graph_module.code == gm.code
+
+
+def test_one_rewritten_site_and_one_skipped_site_in_one_graph():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        x = attn_funcol(q, k, v, g)
+        q2, k2, v2 = (_scatter_heads(t, g, strided=True) for t in (x, k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q2, k2, v2), g)
+
+    gm = trace(fn, _inputs())
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert [s.status for s in result.sites] == ["rewritten", "skipped"]
+    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
+    want = ranks.run_on_ranks(gm, inputs, P)
+    got = ranks.run_on_ranks(result.graph_module, inputs, P)
+    for w, o in zip(want, got, strict=True):
+        assert torch.equal(w, o)
