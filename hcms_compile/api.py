@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch.fx
 
@@ -25,7 +26,10 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2, exact: bool = Tr
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"rewrite() takes a torch.fx.GraphModule, got {type(gm).__name__}")
     spec = validate_chunks(chunks)
-    graph = copy.deepcopy(gm.graph)
+    with warnings.catch_warnings():
+        # copying export's pytree codegen trips a torch-internal deprecation warning
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
     out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(getattr(gm, "meta", {}))
     if not isinstance(exact, bool):

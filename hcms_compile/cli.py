@@ -1,0 +1,46 @@
+"""The `hcms` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .testing.layouts import LAYOUTS
+
+
+def _chunks(text: str) -> int | tuple[int, ...]:
+    parts = [int(p) for p in text.replace("+", ",").split(",") if p]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hcms", description="HCMS: pipeline Ulysses all-to-all with attention")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="rewrite a Ulysses transformer on CPU ranks and check it bit for bit")
+    demo.add_argument("--ranks", type=int, default=4)
+    demo.add_argument("--blocks", type=int, default=4)
+    demo.add_argument("--heads", type=int, default=12, help="global heads (divisible by --ranks)")
+    demo.add_argument("--head-dim", type=int, default=32)
+    demo.add_argument("--tokens-per-rank", type=int, default=64)
+    demo.add_argument("--chunks", type=_chunks, default=2, help="a count, or local heads per chunk: 2+1")
+    demo.add_argument("--layout", choices=[n for n, lay in LAYOUTS.items() if lay.functional], default="funcol")
+    demo.add_argument("--causal", action="store_true")
+    demo.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .demo import DemoArgs, run_demo
+        from .models import UlyssesConfig
+
+        if args.heads % args.ranks:
+            parser.error(f"--heads {args.heads} is not divisible by --ranks {args.ranks}")
+        cfg = UlyssesConfig(heads=args.heads, head_dim=args.head_dim, blocks=args.blocks, layout=args.layout,
+                            causal=args.causal)
+        run_demo(DemoArgs(ranks=args.ranks, tokens_per_rank=args.tokens_per_rank, chunks=args.chunks,
+                          repeats=args.repeats, config=cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
