@@ -53,10 +53,9 @@ def _rank_main(rank: int, port: int, args: DemoArgs) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
     torch.set_num_threads(1)  # one core per rank keeps the ranks from fighting over this machine
-    try:
-        _demo(rank, args)
-    finally:
-        dist.destroy_process_group()
+    _demo(rank, args)
+    dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
+    dist.destroy_process_group()
 
 
 def _demo(rank: int, args: DemoArgs) -> None:

@@ -44,6 +44,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results[name] = (result.sites[0].status, torch.equal(want, got), want,
                          reference.chunk(WORLD, dim=lay.seq_dim)[rank])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
     dist.destroy_process_group()
 
 
