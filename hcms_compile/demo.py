@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -56,6 +57,10 @@ def _rank_main(rank: int, port: int, args: DemoArgs) -> None:
     _demo(rank, args)
     dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
     dist.destroy_process_group()
+    # Gloo worker threads can still hold tensors at interpreter teardown and abort the process
+    # (pytorch/pytorch#179291); everything is printed, so skip the teardown.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _demo(rank: int, args: DemoArgs) -> None:

@@ -46,6 +46,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
     dist.destroy_process_group()
+    os._exit(0)  # gloo threads can abort interpreter teardown (pytorch/pytorch#179291)
 
 
 def _attend(fn, group, q, k, v):
