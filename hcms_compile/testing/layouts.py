@@ -58,19 +58,19 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float | None)
 # ---------------------------------------------------------------------------------------------
 
 
-def _funcol_in(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+def _funcol_in(x: Tensor, group: dist.ProcessGroup, a2a: Callable[..., Tensor] = _a2a) -> Tensor:
     b, s_loc, h, d = x.shape
     p = _world(group, h)
     send = x.reshape(b, s_loc, p, h // p, d).permute(2, 0, 1, 3, 4).contiguous()
-    recv = _a2a(send, group)  # [P (sequence block), B, S/P, H/P, D]
+    recv = a2a(send, group)  # [P (sequence block), B, S/P, H/P, D]
     return recv.permute(1, 3, 0, 2, 4).reshape(b, h // p, p * s_loc, d)
 
 
-def _funcol_out(o: Tensor, group: dist.ProcessGroup) -> Tensor:
+def _funcol_out(o: Tensor, group: dist.ProcessGroup, a2a: Callable[..., Tensor] = _a2a) -> Tensor:
     b, h_loc, s, d = o.shape
     p = group.size()
     send = o.reshape(b, h_loc, p, s // p, d).permute(2, 0, 3, 1, 4).contiguous()
-    recv = _a2a(send, group)  # [P (head block), B, S/P, H/P, D]
+    recv = a2a(send, group)  # [P (head block), B, S/P, H/P, D]
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h_loc, d)
 
 
@@ -277,29 +277,13 @@ def _a2a_inplace(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     return out
 
 
-def _inplace_in(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    b, s_loc, h, d = x.shape
-    p = _world(group, h)
-    send = x.reshape(b, s_loc, p, h // p, d).permute(2, 0, 1, 3, 4).contiguous()
-    recv = _a2a_inplace(send, group)  # [P (sequence block), B, S/P, H/P, D]
-    return recv.permute(1, 3, 0, 2, 4).reshape(b, h // p, p * s_loc, d)
-
-
-def _inplace_out(o: Tensor, group: dist.ProcessGroup) -> Tensor:
-    b, h_loc, s, d = o.shape
-    p = group.size()
-    send = o.reshape(b, h_loc, p, s // p, d).permute(2, 0, 3, 1, 4).contiguous()
-    recv = _a2a_inplace(send, group)  # [P (head block), B, S/P, H/P, D]
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h_loc, d)
-
-
 def attn_dist_inplace(
     q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, *,
     is_causal: bool = False, scale: float | None = None,
 ) -> Tensor:
     """In-place ``dist.all_to_all_single`` Ulysses: [B, S/P, H, D] in and out; for Dynamo."""
-    q, k, v = (_inplace_in(x, group) for x in (q, k, v))
-    return _inplace_out(_sdpa(q, k, v, is_causal, scale), group)
+    q, k, v = (_funcol_in(x, group, _a2a_inplace) for x in (q, k, v))
+    return _funcol_out(_sdpa(q, k, v, is_causal, scale), group, _a2a_inplace)
 
 
 # ---------------------------------------------------------------------------------------------
