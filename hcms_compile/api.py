@@ -25,25 +25,38 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2, exact: bool = Tr
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"rewrite() takes a torch.fx.GraphModule, got {type(gm).__name__}")
-    spec = validate_chunks(chunks)
+    spec = _check_args(chunks, exact)
     with warnings.catch_warnings():
         # copying export's pytree codegen trips a torch-internal deprecation warning
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
     out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(getattr(gm, "meta", {}))
-    if not isinstance(exact, bool):
-        raise TypeError(f"exact must be a bool, got {exact!r}")
-    reports = [_apply(out, found, spec, exact) for found in match_sites(out)]
+    reports = rewrite_graph(out.graph, chunks=spec, exact=exact)
     if any(r.rewritten for r in reports):
-        out.graph.lint()
         out.recompile()
-    for report in reports:
-        log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
     return RewriteResult(out, reports)
 
 
-def _apply(gm: torch.fx.GraphModule, found: Site | Skip, spec: ChunkSpec, exact: bool) -> SiteReport:
+def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = 2, exact: bool = True) -> list[SiteReport]:
+    """`rewrite` in place on a graph: what compiler hooks (Inductor's post-grad passes) call."""
+    spec = _check_args(chunks, exact)
+    reports = [_apply(graph, found, spec, exact) for found in match_sites(graph)]
+    if any(r.rewritten for r in reports):
+        graph.lint()
+    for report in reports:
+        log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
+    return reports
+
+
+def _check_args(chunks: object, exact: object) -> ChunkSpec:
+    spec = validate_chunks(chunks)
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be a bool, got {exact!r}")
+    return spec
+
+
+def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, exact: bool) -> SiteReport:
     base = dict(index=found.index, attention=found.attention.name, kernel=found.kernel,
                 world_size=found.world_size, local_heads=found.local_heads)
     if not isinstance(found, Site):
@@ -52,7 +65,7 @@ def _apply(gm: torch.fx.GraphModule, found: Site | Skip, spec: ChunkSpec, exact:
     if isinstance(plan, str):
         return SiteReport(status=SKIPPED, reason=plan, exchanges=len(found.inputs), **base)
     try:
-        rewrite_site(gm.graph, found, plan)
+        rewrite_site(graph, found, plan)
     except EmitError as err:
         return SiteReport(status=SKIPPED, reason=f"rewrite did not check: {err}", **base)
     return SiteReport(status=REWRITTEN, chunk_sizes=plan.chunk_sizes, exchanges=len(found.inputs),

@@ -42,19 +42,23 @@ class RewriteResult:
         return [s for s in self.sites if s.rewritten]
 
     def table(self) -> str:
-        if not self.sites:
-            return "no all-to-all -> attention -> all-to-all site found: graph unchanged"
-        rows = [
-            (s.index, s.attention, s.kernel, s.status, s.world_size or "-", s.local_heads or "-",
-             "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", _bits(s), s.reason)
-            for s in self.sites
-        ]
-        headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "bits",
-                   "reason")
-        return tabulate(rows, headers=headers, tablefmt="simple")
+        return render_sites(self.sites)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def render_sites(sites: list[SiteReport]) -> str:
+    """The site reports as a table (or a line saying there was no site)."""
+    if not sites:
+        return "no all-to-all -> attention -> all-to-all site found: graph unchanged"
+    rows = [
+        (s.index, s.attention, s.kernel, s.status, s.world_size or "-", s.local_heads or "-",
+         "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", _bits(s), s.reason)
+        for s in sites
+    ]
+    headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "bits", "reason")
+    return tabulate(rows, headers=headers, tablefmt="simple")
 
 
 def _bits(site: SiteReport) -> str:

@@ -14,6 +14,10 @@ number of heads, and then chunking changes the arithmetic:
    heads the call has: measured here, such shapes (only S_q < 32 can produce them) change bits
    under chunking. In half precision with D % 64 == 0 and S_kv >= 64 the kernel may also switch
    to a packed path whose choice depends on the head count.
+   CPU flash backward parallelises over batch x heads only; a call with a single (batch, head)
+   item runs outside a parallel region, where the BLAS calls may take another path: measured here,
+   chunkings with batch x heads-per-chunk >= 2 were bitwise in 404 of 404 random cases, and the
+   others not always.
 2. CUDA kernels: see BACKGROUND.md; forward efficient and cuDNN attention were bitwise in every
    case measured; flash picks a split-KV schedule from batch x heads x blocks against the SM count.
    `sdpa` on CUDA picks its kernel at run time, so no verdict is possible before lowering.
@@ -21,6 +25,7 @@ number of heads, and then chunking changes the arithmetic:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +57,22 @@ _CUDA_BITWISE = {
 }
 
 
-def judge(kernel: str, q: torch.Tensor, k: torch.Tensor, chunk_heads: tuple[int, ...]) -> Exactness:
+def _cpu_flash_backward(q: torch.Tensor, chunk_heads: tuple[int, ...]) -> Exactness:
+    batch = math.prod(q.shape[:-3])
+    if batch * min(chunk_heads) < 2:
+        return Exactness(False, f"CPU flash backward with batch {batch} x {min(chunk_heads)} head(s) in a chunk "
+                                "runs outside a parallel region; its BLAS path may differ")
+    return Exactness(True, "CPU flash backward: every chunk keeps >= 2 (batch, head) work items")
+
+
+def judge(kernel: str, q: torch.Tensor, k: torch.Tensor, chunk_heads: tuple[int, ...],
+          backward: bool = False) -> Exactness:
     """The verdict for running `kernel` on head chunks of sizes `chunk_heads` instead of all heads."""
     heads = sum(chunk_heads)
     if q.device.type == "cpu" and kernel in ("flash_cpu", "sdpa"):
-        return _cpu_flash(q, k, chunk_heads, heads)
+        return _cpu_flash_backward(q, chunk_heads) if backward else _cpu_flash(q, k, chunk_heads, heads)
+    if backward:
+        return Exactness(False, f"{kernel} backward on {q.device.type}: bitwise under chunking not established")
     if q.device.type == "cuda" and kernel in _CUDA_BITWISE:
         return Exactness(True, _CUDA_BITWISE[kernel])
     if kernel == "sdpa":

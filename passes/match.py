@@ -1,26 +1,34 @@
 """Find all-to-all -> attention -> all-to-all sites and prove what each exchange does.
 
 Terms
-- site: one attention op whose q, k and v each arrive from an all-to-all through layout-only ops,
-  and whose output leaves through layout-only ops into an all-to-all.
+- site: one attention op, forward or backward, with at least one per-head input arriving from an
+  all-to-all through layout-only ops and at least one per-head output leaving through layout-only
+  ops into an all-to-all. Forward: q, k, v in, the output out. Backward: the output gradient in,
+  dq, dk, dv out, with q, k, v, out and log-sum-exp as local inputs.
 - input exchange: one all-to-all feeding the attention (three for separate q, k, v; one for a fused
   stacked qkv). Its send path runs from a root (the last node that is not a layout op) to the send
   buffer; its receive tree runs from the wait to the attention's inputs.
-- output exchange: the all-to-all that takes the attention's output back to sequence sharding.
+- local input: a per-head input that is already on this rank (saved activations in a backward
+  graph); a chunk takes a slice of its head axis.
+- output exchange: an all-to-all that takes one attention output back to sequence sharding.
+- escape: a per-head attention input or output also used outside the site (AOTAutograd saves q, k,
+  v, out and log-sum-exp for the backward); the rewrite concatenates the chunks' values for it.
 - head atom: the factor (see `layout.py`) that indexes the attention's local heads; chunking cuts it.
 
-Steps of `match_sites(gm)`:
+Steps of `match_sites(graph)`:
 1. Find every attention op in graph order; each is a candidate and yields a `Site` or a `Skip`.
 2. Reject options that would change bits per chunk (dropout) or that this version does not slice
-   (masks, GQA).
-3. Walk back from q, k and v through layout ops to a wait and its all-to-all; walk back from each
-   all-to-all's input to its root. Check every receive node is used only on the way to attention.
+   (masks, GQA). Every per-head tensor must have the same local-head count.
+3. Walk back from each per-head input through layout ops to a wait and its all-to-all (or call it
+   local), and from each all-to-all's input to its root. Check each receive node is used only on
+   the way to attention (the attention's own inputs may also escape).
 4. Follow the atoms from each root through the send path, the exchange and the receive tree; read
-   the head atom at the attention's head axis (dim -3) and prove: the destination-rank factor sits
-   right above the head atom at the root (the exchange scatters heads) and the source-rank factor
-   leads the sequence axis (it gathers sequence).
-5. Walk forward from the attention output to the output all-to-all and prove it scatters sequence
-   while keeping the head atom whole, so per-chunk receive buffers can be concatenated on it.
+   the head atom at the input's head axis and prove: the destination-rank factor sits right above
+   the head atom at the root (the exchange scatters heads) and the source-rank factor leads the
+   sequence axis (it gathers sequence).
+5. Walk forward from each per-head output to an output all-to-all and prove it scatters sequence
+   while keeping the head atom whole, so per-chunk receive buffers can be concatenated on it; other
+   uses of an output are escapes.
 Every failed proof is a `Skip` with a reason; a skipped site is never touched.
 """
 
@@ -31,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, Node
 
 from . import layout as L
 from .layout import Atom, AtomSpace, Layout, LayoutError
@@ -56,8 +64,6 @@ from .ops import (
     unbind_item,
 )
 
-QKV = ("query", "key", "value")
-
 
 class NoMatch(Exception):
     """The reason a candidate is not a site."""
@@ -76,6 +82,7 @@ class InputExchange:
 
 @dataclass(frozen=True)
 class OutputExchange:
+    index: int  # which attention output
     source: Node  # the attention's output tensor (a getitem for ops that return tuples)
     send_path: tuple[Node, ...]  # layout nodes after `source`, send buffer last
     all_to_all: Node
@@ -84,17 +91,30 @@ class OutputExchange:
     fill: Node | None = None  # `copy_(buffer, wait)` of an in-place exchange
 
 
+@dataclass(frozen=True)
+class Escape:
+    """A per-head value used outside the site: its chunks are concatenated on `axis` for `users`."""
+
+    node: Node
+    axis: int  # non-negative head axis of `node`
+    users: tuple[Node, ...]
+    output: int | None  # attention output index, or None for an attention input
+
+
 @dataclass
 class Site:
     index: int
     attention: Node
     op: AttentionOp
     inputs: tuple[InputExchange, ...]
-    output: OutputExchange
+    outputs: tuple[OutputExchange, ...]
+    locals: dict[str, int]  # per-head parameters already on this rank -> head axis
+    escapes: tuple[Escape, ...]
+    shared_outputs: dict[int, tuple[Node, ...]]  # non-head outputs in use (same in every chunk)
     group: Any
     world_size: int
     local_heads: int
-    qkv: dict[str, Node]
+    heads: dict[str, Node]  # every per-head parameter -> its node
     atoms: AtomSpace
     layouts: dict[Node, Layout] = field(repr=False)
 
@@ -141,9 +161,9 @@ def world_size_of(group: Any) -> int:
         raise NoMatch(f"cannot resolve process group {group!r}: {err}") from None
 
 
-def match_sites(gm: GraphModule) -> list[Site | Skip]:
+def match_sites(graph: Graph) -> list[Site | Skip]:
     found: list[Site | Skip] = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         op = attention_op(node)
         if op is None:
             continue
@@ -179,6 +199,7 @@ class _Matcher:
         self.layouts: dict[Node, Layout] = {}
         self.world_size: int | None = None
         self.local_heads: int | None = None
+        self._heads_out: Atom = -1
 
     def run(self) -> Site | Skip:
         try:
@@ -198,41 +219,52 @@ class _Matcher:
             raise NoMatch(f"{self.op.mask} is set: masked attention is not chunked yet")
         if args.get("enable_gqa"):
             raise NoMatch("enable_gqa=True: grouped-query attention is not chunked yet")
-        for name in QKV:
-            if not isinstance(args[name], Node):
+
+    def _head_inputs(self, args: dict[str, Any]) -> dict[str, Node]:
+        heads = {name: args.get(name) for name in self.op.head_params}
+        for name, node in heads.items():
+            if not isinstance(node, Node):
                 raise NoMatch(f"{name} is not a tensor in the graph")
+        counts = {name: shape_of(node)[self.op.head_params[name]] for name, node in heads.items()}
+        if len(set(counts.values())) != 1:
+            raise NoMatch(f"per-head inputs disagree on the head count {counts}: GQA is not chunked yet")
+        lead = {name: shape_of(n)[:-2] for name, n in heads.items() if self.op.head_params[name] == -3}
+        if len(set(lead.values())) != 1:
+            raise NoMatch(f"batch and head dims differ {lead}: broadcast is not chunked yet")
+        self.local_heads = next(iter(counts.values()))
+        return heads
 
     def _run(self) -> Site:
         args = attention_args(self.attention, self.op)
         self._check_options(args)
-        qkv = {name: args[name] for name in QKV}
-        shapes = {name: shape_of(n) for name, n in qkv.items()}
-        if len(shapes["query"]) < 3:
-            raise NoMatch(f"query has shape {shapes['query']}: no head axis")
-        batch = {name: s[:-2] for name, s in shapes.items()}
-        if len(set(batch.values())) != 1:
-            raise NoMatch(f"q, k, v head/batch dims differ ({batch}): broadcast or GQA is not chunked yet")
-        self.local_heads = shapes["query"][-3]
+        heads = self._head_inputs(args)
 
-        # step 3: q, k, v back to their exchanges
+        # step 3: per-head inputs back to their exchanges, or local
         routes: dict[Node, tuple[list[str], set[Node], Node]] = {}
-        for name, node in qkv.items():
-            a2a, wait, path = self._walk_back(name, node)
+        local: dict[str, int] = {}
+        for name, node in heads.items():
+            try:
+                a2a, wait, path = self._walk_back(name, node)
+            except NoMatch:
+                local[name] = self.op.head_params[name]
+                continue
             feeds, nodes, _ = routes.setdefault(a2a, ([], set(), wait))
             feeds.append(name)
             nodes.update(path)
-        group, world = None, None
-        exchanges = []
-        for a2a, (feeds, nodes, wait) in routes.items():
-            g = exchange_args(a2a).group
-            if group is not None and g != group:
-                raise NoMatch("q, k and v are exchanged over different process groups")
-            group, world = g, world_size_of(g)
-            self.world_size = world
-            exchanges.append(self._input_exchange(a2a, wait, feeds, nodes, qkv, world))
-        output = self._output_exchange(exchanges[0], group, world)
-        return Site(self.index, self.attention, self.op, tuple(exchanges), output, group, world,
-                    self.local_heads, qkv, self.atoms, self.layouts)
+        if not routes:
+            raise NoMatch("no per-head input arrives from an all-to-all")
+        groups = {exchange_args(a2a).group for a2a in routes}
+        if len(groups) != 1:
+            raise NoMatch("the inputs are exchanged over different process groups")
+        (group,) = groups
+        world = self.world_size = world_size_of(group)
+        exchanges = [self._input_exchange(a2a, wait, feeds, nodes, heads, world)
+                     for a2a, (feeds, nodes, wait) in routes.items()]
+        escapes = self._input_escapes(exchanges, heads)
+        outputs, out_escapes, shared = self._outputs(exchanges[0], heads, group, world)
+        return Site(self.index, self.attention, self.op, tuple(exchanges), outputs, local,
+                    escapes + out_escapes, shared, group, world, self.local_heads, heads, self.atoms,
+                    self.layouts)
 
     def _walk_back(self, name: str, node: Node) -> tuple[Node, Node, list[Node]]:
         """From q, k or v back through layout ops to the wait that completes an all-to-all."""
@@ -306,9 +338,11 @@ class _Matcher:
 
     # -- step 4 --------------------------------------------------------------------------------
     def _input_exchange(self, a2a: Node, wait: Node, feeds: list[str], nodes: set[Node],
-                        qkv: dict[str, Node], world: int) -> InputExchange:
+                        heads: dict[str, Node], world: int) -> InputExchange:
         if len(a2a.users) != 1:
             raise NoMatch(f"{a2a.name} has {len(a2a.users)} users; expected one wait")
+        if any(self.op.head_params[name] != -3 for name in feeds):
+            raise NoMatch(f"{', '.join(feeds)} arrive from {a2a.name}, but only [.., H, S, D] inputs may")
         send = exchange_args(a2a)
         _check_equal_splits(send, shape_of(send.input), world)
         path = self._send_path(send.input)
@@ -323,20 +357,21 @@ class _Matcher:
         if len(fills) > 1 or (fills and next(iter(fills)).args[1] is not wait):
             raise NoMatch(f"{a2a.name}'s result is copied into more than one buffer")
         allowed = set(receive) | fills | {self.attention}
-        for node in (wait, *receive):
+        terminals = {heads[name] for name in feeds}  # the attention's own inputs may escape
+        for node in {wait, *receive} - terminals:
             outside = [u.name for u in node.users if u not in allowed]
             if outside:
                 raise NoMatch(f"{node.name} (between {a2a.name} and attention) is also used by {outside}")
         for node in receive:
             self.layouts[node] = self._follow(node)
 
-        heads = {self._head_atom(qkv[name], name, dest) for name in feeds}
-        if len(heads) != 1:
+        head_atoms = {self._head_atom(heads[name], name, dest) for name in feeds}
+        if len(head_atoms) != 1:
             raise NoMatch(f"{', '.join(feeds)} share {a2a.name} but not one head axis")
-        (head,) = heads
+        (head,) = head_atoms
         self._check_scatter_heads(root, dest, head, a2a)
         for name in feeds:
-            seq = self.atoms.expand(self.layouts[qkv[name]][-2])
+            seq = self.atoms.expand(self.layouts[heads[name]][-2])
             if seq[: len(src)] != src:
                 raise NoMatch(f"{a2a.name} does not gather the sequence: the source rank is not the "
                               f"leading factor of {name}'s sequence axis")
@@ -362,15 +397,64 @@ class _Matcher:
             raise NoMatch(f"{a2a.name} does not scatter heads: at {root.name} the rank factor is not "
                           "directly above the local heads")
 
+    def _input_escapes(self, exchanges: list[InputExchange], heads: dict[str, Node]) -> tuple[Escape, ...]:
+        escapes: dict[Node, Escape] = {}
+        for ex in exchanges:
+            inside = set(ex.receive) | {self.attention}
+            for name in ex.feeds:
+                node = heads[name]
+                users = tuple(u for u in node.users if u not in inside)
+                if users and node not in escapes:
+                    escapes[node] = Escape(node, len(shape_of(node)) - 3, users, None)
+        return tuple(escapes.values())
+
     # -- step 5 --------------------------------------------------------------------------------
-    def _output_exchange(self, first: InputExchange, group: Any, world: int) -> OutputExchange:
-        source = self._attention_output()
-        q = self.layouts[self._q_node()]
-        q_batch = self.atoms.resolve(q[:-2])
-        out_shape = shape_of(source)
+    def _outputs(self, first: InputExchange, heads: dict[str, Node], group: Any, world: int
+                 ) -> tuple[tuple[OutputExchange, ...], tuple[Escape, ...], dict[int, tuple[Node, ...]]]:
+        by_index = self._attention_outputs()
+        exchanges: list[OutputExchange] = []
+        escapes: list[Escape] = []
+        shared: dict[int, tuple[Node, ...]] = {}
+        for index, source in by_index.items():
+            if index not in self.op.head_outputs:
+                shared[index] = tuple(source.users)
+                continue
+            axis = self.op.head_outputs[index] % len(shape_of(source))
+            outside: list[Node] = []
+            for user in source.users:
+                if inplace_fill(user) is not None:
+                    continue  # the buffer an in-place exchange fills; the exchange owns it
+                found = self._output_exchange(index, source, user, first, heads, group, world)
+                if found is None:
+                    outside.append(user)
+                elif any(ex.source is source for ex in exchanges):
+                    raise NoMatch(f"attention output {index} feeds two all-to-alls")
+                else:
+                    exchanges.append(found)
+            if outside:
+                escapes.append(Escape(source, axis, tuple(outside), index))
+        if not exchanges:
+            raise NoMatch("no attention output reaches an all-to-all")
+        return tuple(exchanges), tuple(escapes), shared
+
+    def _attention_outputs(self) -> dict[int, Node]:
+        """Each used output of the attention op by index (the node itself for one-tensor ops)."""
+        if not self.op.returns_tuple:
+            return {0: self.attention}
+        outputs: dict[int, Node] = {}
+        for user in self.attention.users:
+            if not (user.op == "call_function" and user.target is operator.getitem):
+                raise NoMatch(f"attention result used whole by {user.name}")
+            if user.users:
+                outputs[user.args[1]] = user
+        return outputs
+
+    def _mirror(self, source: Node, first: InputExchange, heads: dict[str, Node]) -> tuple[Layout, Atom]:
+        """Fresh atoms for an output [.., H, S, D], split like the exchanged input's batch dims."""
+        reference = self.atoms.resolve(self.layouts[heads[first.feeds[0]]][:-2])
         head = -1
         dims: list[tuple[Atom, ...]] = []
-        for group_atoms in q_batch:
+        for group_atoms in reference:
             new_dim = []
             for atom in group_atoms:
                 (fresh,) = self.atoms.new(self.atoms.sizes[atom])
@@ -378,33 +462,40 @@ class _Matcher:
                     head = fresh
                 new_dim.append(fresh)
             dims.append(tuple(new_dim))
-        seq_atoms = self.atoms.new(out_shape[-2])
-        self.layouts[source] = (*dims, seq_atoms, self.atoms.new(out_shape[-1]))
+        shape = shape_of(source)
+        return (*dims, self.atoms.new(shape[-2]), self.atoms.new(shape[-1])), head
 
+    def _output_exchange(self, index: int, source: Node, first_user: Node, first: InputExchange,
+                         heads: dict[str, Node], group: Any, world: int) -> OutputExchange | None:
+        """The exchange `source` reaches through `first_user`, or None when that use is no exchange."""
         path: list[Node] = []
-        node = source
-        fill: Node | None = None
-        while True:
-            users = set(node.users)
-            buffers = {u for u in users if inplace_fill(u) is not None}
-            a2as = {u for u in users if is_all_to_all(u)}
-            if a2as and len(users - buffers) == 1 and len(buffers) <= 1:
-                user = next(iter(a2as))
-                if buffers:
-                    fill = inplace_fill(next(iter(buffers)))
-                break
-            if len(users) != 1:
-                raise NoMatch(f"attention output {node.name} has {len(users)} users; expected one "
-                              "path to an all-to-all")
-            (user,) = users
+        node, user = source, first_user
+        if source not in self.layouts:
+            if self.op.head_outputs[index] != -3:
+                return None  # log-sum-exp and the like are never exchanged; they can only escape
+            self.layouts[source], self._heads_out = self._mirror(source, first, heads)
+        head = self._heads_out
+        while not is_all_to_all(user):
             step = layout_op(user)
             if step is None or step.source is not node or step.kind == UNBIND:
-                raise NoMatch(f"attention output reaches {user.name} ({target_name(user)}) before an all-to-all")
+                return None
             self.layouts[user] = self._follow(user)
             path.append(user)
-            node = user
+            onward = [u for u in user.users if inplace_fill(u) is None]
+            if len(onward) != 1:
+                if any(is_all_to_all(u) for u in _reachable(user)):
+                    raise NoMatch(f"the path from attention output {index} to an all-to-all branches at "
+                                  f"{user.name}")
+                return None
+            node, user = user, onward[0]
         a2a = user
         args = exchange_args(a2a)
+        if args.input is not node:
+            raise NoMatch(f"{a2a.name} does not send the attention output")
+        buffers = [u for u in node.users if inplace_fill(u) is not None]
+        if len(buffers) > 1:
+            raise NoMatch(f"{node.name} is copied into more than one in-place buffer")
+        fill = inplace_fill(buffers[0]) if buffers else None
         if args.group != group:
             raise NoMatch("the output all-to-all uses another process group than the inputs")
         _check_equal_splits(args, shape_of(args.input), world)
@@ -418,31 +509,23 @@ class _Matcher:
         if head >= 0:
             if head in dest or self.atoms.expand([head]) != (head,):
                 raise NoMatch(f"{a2a.name} splits the local heads across ranks")
-            seq = self.atoms.expand(seq_atoms)
+            seq = self.atoms.expand(self.layouts[source][-2])
             if dest and seq[: len(dest)] != dest:
                 raise NoMatch(f"{a2a.name} does not scatter the sequence: the rank factor is not the "
                               "leading factor of the attention output's sequence axis")
-        return OutputExchange(source, tuple(path), a2a, wait, head, fill)
+        return OutputExchange(index, source, tuple(path), a2a, wait, head, fill)
 
-    def _q_node(self) -> Node:
-        return attention_args(self.attention, self.op)["query"]
 
-    def _attention_output(self) -> Node:
-        if not self.op.returns_tuple:
-            return self.attention
-        out = None
-        for user in self.attention.users:
-            if user.op == "call_function" and user.target is operator.getitem:
-                if user.args[1] == 0:
-                    out = user
-                elif user.users:
-                    raise NoMatch(f"attention output {user.args[1]} ({user.name}) is used; only the "
-                                  "main output is reassembled")
-            else:
-                raise NoMatch(f"attention result used whole by {user.name}")
-        if out is None:
-            raise NoMatch("attention output is unused")
-        return out
+def _reachable(node: Node, limit: int = 64) -> list[Node]:
+    """Nodes downstream of `node` (bounded), to tell a branching exchange path from a side use."""
+    seen: list[Node] = []
+    frontier = list(node.users)
+    while frontier and len(seen) < limit:
+        n = frontier.pop()
+        if n not in seen:
+            seen.append(n)
+            frontier.extend(n.users)
+    return seen
 
 
 def _check_equal_splits(args: Any, shape: tuple[int, ...], world: int) -> None:

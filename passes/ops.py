@@ -185,40 +185,57 @@ def exchange_args(node: Node) -> ExchangeArgs:
 
 @dataclass(frozen=True)
 class AttentionOp:
-    """Where an attention op keeps its arguments; `mask`, `dropout`... are parameter names."""
+    """Where an attention op (forward or backward) keeps its per-head tensors.
+
+    `head_params` maps each parameter indexed by head to its head axis; `head_outputs` does the same
+    for outputs (index 0 for ops that return one tensor). Outputs not listed (RNG state, sequence
+    offsets) are the same for every chunk when dropout is off.
+    """
 
     kernel: str
     params: tuple[str, ...]  # positional parameter names, in order
     mask: str | None
     returns_tuple: bool
+    head_params: dict[str, int]
+    head_outputs: dict[int, int]
+    backward: bool = False
 
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_QKV_HEADS = {"query": -3, "key": -3, "value": -3}
+# [B, H, S, D] tensors have heads at -3; log-sum-exp is [B, H, S(, 1)], heads at 1
+_HEAD_AXIS = {"query": -3, "key": -3, "value": -3, "out": -3, "grad_out": -3, "grad_out_": -3, "logsumexp": 1}
 
 
 def _aten_attention() -> dict[Any, AttentionOp]:
     table: dict[Any, AttentionOp] = {
-        aten.scaled_dot_product_attention.default: AttentionOp("sdpa", _SDPA_PARAMS, "attn_mask", False),
+        aten.scaled_dot_product_attention.default: AttentionOp(
+            "sdpa", _SDPA_PARAMS, "attn_mask", False, _QKV_HEADS, {0: -3}),
     }
-    kernels = {
-        "_scaled_dot_product_flash_attention_for_cpu": ("flash_cpu", "attn_mask"),
-        "_scaled_dot_product_flash_attention": ("flash", None),
-        "_scaled_dot_product_efficient_attention": ("efficient", "attn_bias"),
-        "_scaled_dot_product_cudnn_attention": ("cudnn", "attn_bias"),
+    kernels = {  # ATen name: (kernel, mask parameter, per-head outputs)
+        "_scaled_dot_product_flash_attention_for_cpu": ("flash_cpu", "attn_mask", {0: -3, 1: 1}),
+        "_scaled_dot_product_flash_attention": ("flash", None, {0: -3, 1: 1}),
+        "_scaled_dot_product_efficient_attention": ("efficient", "attn_bias", {0: -3, 1: 1}),
+        "_scaled_dot_product_cudnn_attention": ("cudnn", "attn_bias", {0: -3, 1: 1}),
+        "_scaled_dot_product_flash_attention_for_cpu_backward": ("flash_cpu", "attn_mask", {0: -3, 1: -3, 2: -3}),
+        "_scaled_dot_product_flash_attention_backward": ("flash", None, {0: -3, 1: -3, 2: -3}),
+        "_scaled_dot_product_efficient_attention_backward": ("efficient", "attn_bias", {0: -3, 1: -3, 2: -3}),
+        "_scaled_dot_product_cudnn_attention_backward": ("cudnn", "attn_bias", {0: -3, 1: -3, 2: -3}),
     }
-    for op_name, (kernel, mask) in kernels.items():
+    for op_name, (kernel, mask, outputs) in kernels.items():
         packet = getattr(aten, op_name, None)
         if packet is None:
             continue
         overload = packet.default
         params = tuple(a.name for a in overload._schema.arguments)
-        table[overload] = AttentionOp(kernel, params, mask, True)
+        heads = {name: axis for name, axis in _HEAD_AXIS.items() if name in params}
+        table[overload] = AttentionOp(kernel, params, mask, True, heads, outputs, op_name.endswith("_backward"))
     return table
 
 
 _ATTENTION: dict[Any, AttentionOp] = {
-    F.scaled_dot_product_attention: AttentionOp("sdpa", _SDPA_PARAMS, "attn_mask", False),
-    aten.scaled_dot_product_attention: AttentionOp("sdpa", _SDPA_PARAMS, "attn_mask", False),
+    F.scaled_dot_product_attention: AttentionOp("sdpa", _SDPA_PARAMS, "attn_mask", False, _QKV_HEADS, {0: -3}),
+    aten.scaled_dot_product_attention: AttentionOp("sdpa", _SDPA_PARAMS, "attn_mask", False, _QKV_HEADS, {0: -3}),
     **_aten_attention(),
 }
 

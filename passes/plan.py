@@ -88,8 +88,8 @@ def plan_site(site: Site, chunks: ChunkSpec, exact: bool = True) -> ChunkPlan | 
     sizes = chunk_sizes(site.local_heads, chunks)
     if isinstance(sizes, str):
         return sizes
-    query, key = (value_of(site.qkv[name]) for name in ("query", "key"))
-    verdict = judge(site.kernel, query, key, sizes)
+    query, key = (value_of(site.heads[name]) for name in ("query", "key"))
+    verdict = judge(site.kernel, query, key, sizes, backward=site.op.backward)
     if exact and not verdict.bitwise:
         return f"chunking may change bits ({verdict.why}); pass exact=False to allow it"
     return ChunkPlan(sizes, verdict)

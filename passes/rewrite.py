@@ -24,15 +24,14 @@ caller then calls `Emitter.rollback()` and the site stays as it was.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 
 from torch.fx import Graph, Node
 
 from .emit import Emitter
 from .layout import Atom
-from .match import InputExchange, Site, shape_of
-from .ops import REGROUP, attention_args, exchange_args, inplace_fill, layout_op, replace_attention_inputs
+from .match import Escape, InputExchange, Site, shape_of
+from .ops import REGROUP, exchange_args, inplace_fill, layout_op, replace_attention_inputs
 from .plan import ChunkPlan
 from .schedule import ChunkStages, apply_order, pipeline_order
 
@@ -70,17 +69,11 @@ class _SiteWriter:
             else:
                 mapping[node] = self.emit.copy(node, mapping)
 
-    def atom_view(self, node: Node, source: Node, override: dict[Atom, int]) -> tuple[Node, int, int]:
-        """`node` (contiguous) viewed with one dim per atom; returns it, the head dim and rank."""
+    def atom_view(self, node: Node, source: Node, head: Atom, override: dict[Atom, int]) -> tuple[Node, int]:
+        """`node` (contiguous, laid out like `source`) viewed with one dim per atom, and the head dim."""
         flat = self.atoms.expand([a for dim in self.layouts[source] for a in dim])
         shape = [override.get(a, self.atoms.sizes[a]) for a in flat]
-        return self.emit.reshape(node, shape), flat.index(self._head_of(source)), len(shape)
-
-    def _head_of(self, node: Node) -> Atom:
-        for ex in self.site.inputs:
-            if node in ex.send_path:
-                return ex.head
-        return self.site.output.head
+        return self.emit.reshape(node, shape), flat.index(head)
 
     def contiguous(self, send: Node) -> Node:
         """All-to-all needs a dense buffer; a slice or a replayed view may not be one."""
@@ -104,14 +97,14 @@ class _SiteWriter:
                 self.replay(ex.send_path[i + 1 :], mapping, override)
                 return mapping[ex.send_path[-1]]
         buffer = ex.send_path[-1]
-        view, dim, _ = self.atom_view(buffer, buffer, {})
+        view, dim = self.atom_view(buffer, buffer, ex.head, {})
         piece = self.emit.contiguous(self.emit.narrow(view, dim, start, size))
         return self.emit.reshape(piece, self.atoms.shape(self.layouts[buffer], override))
 
     # -- steps 1 to 3 for one chunk ------------------------------------------------------------
     def chunk(self, c: int, start: int, size: int) -> ChunkStages:
         site, stages = self.site, ChunkStages()
-        override = {ex.head: size for ex in site.inputs} | {site.output.head: size}
+        override = {ex.head: size for ex in site.inputs} | {out.head: size for out in site.outputs}
         mapping: dict[Node, Node] = {}
         for ex in site.inputs:
             mark = self.mark()
@@ -126,59 +119,83 @@ class _SiteWriter:
             mark = self.mark()
             self.replay(ex.receive, mapping, override)
             stages.receive += self.tag(mark, c, "receive_layout")
+        mark = self.mark()
+        for name, axis in site.locals.items():
+            node = site.heads[name]
+            mapping[node] = self.emit.narrow(node, axis % len(shape_of(node)), start, size)
+        stages.receive += self.tag(mark, c, "local_slice")
 
         mark = self.mark()
         attention = site.attention
-        qkv = attention_args(attention, site.op)
-        chunk_qkv = {name: mapping[qkv[name]] for name in ("query", "key", "value")}
-        args, kwargs = replace_attention_inputs(attention, site.op, chunk_qkv)
-        out = self.emit.call(attention.target, *args, **kwargs)
-        if site.op.returns_tuple:
-            out = self.emit.getitem(out, 0)
+        chunk_heads = {name: mapping[node] for name, node in site.heads.items()}
+        args, kwargs = replace_attention_inputs(attention, site.op, chunk_heads)
+        result = self.emit.call(attention.target, *args, **kwargs)
+        wanted = {out.index for out in site.outputs} | {e.output for e in site.escapes if e.output is not None}
+        if c == 0:
+            wanted |= set(site.shared_outputs)  # RNG state and offsets: the same for every chunk
+        outs = {i: self.emit.getitem(result, i) if site.op.returns_tuple else result for i in sorted(wanted)}
         stages.attend += self.tag(mark, c, "attention")
-        mark = self.mark()
-        outputs = {site.output.source: out}
-        self.replay(site.output.send_path, outputs, override)
-        buffer = site.output.send_path[-1] if site.output.send_path else site.output.source
-        outputs[buffer] = self.contiguous(outputs[buffer])
-        stages.attend += self.tag(mark, c, "output_layout")
-        mark = self.mark()
-        a2a = self.exchange(outputs[buffer], site.output.all_to_all, override, buffer)
-        stages.attend += self.tag(mark, c, "output_all_to_all", COMM)
-        mark = self.mark()
-        wait = self.emit.call(site.output.wait.target, a2a)
-        stages.collect += self.tag(mark, c, "output_wait", COMM)
-        mark = self.mark()
-        self.collected.append(self.atom_view(wait, site.output.wait, override))
-        stages.collect += self.tag(mark, c, "collect")
+        for escape in site.escapes:
+            self.parts[escape].append(outs[escape.output] if escape.output is not None else mapping[escape.node])
+        if c == 0:
+            self.shared = {i: outs[i] for i in site.shared_outputs}
+
+        for k, out in enumerate(site.outputs):
+            mark = self.mark()
+            values = {out.source: outs[out.index]}
+            self.replay(out.send_path, values, override)
+            buffer = out.send_path[-1] if out.send_path else out.source
+            send = self.contiguous(values[buffer])
+            stages.attend += self.tag(mark, c, "output_layout")
+            mark = self.mark()
+            a2a = self.exchange(send, out.all_to_all, override, buffer)
+            stages.attend += self.tag(mark, c, "output_all_to_all", COMM)
+            mark = self.mark()
+            wait = self.emit.call(out.wait.target, a2a)
+            stages.collect += self.tag(mark, c, "output_wait", COMM)
+            mark = self.mark()
+            self.collected[k].append(self.atom_view(wait, out.wait, out.head, override))
+            stages.collect += self.tag(mark, c, "collect")
         return stages
 
     def run(self, plan: ChunkPlan) -> None:
-        self.collected: list[tuple[Node, int, int]] = []
+        site = self.site
+        self.collected: list[list[tuple[Node, int]]] = [[] for _ in site.outputs]
+        self.parts: dict[Escape, list[Node]] = {e: [] for e in site.escapes}
+        self.shared: dict[int, Node] = {}
         stages = [self.chunk(c, start, size)
                   for c, (start, size) in enumerate(zip(plan.offsets, plan.chunk_sizes, strict=True))]
         mark = self.mark()
-        final_wait = self.site.output.wait
-        dim = self.collected[0][1]
-        joined = self.emit.cat([view for view, _, _ in self.collected], dim)
-        result = self.emit.reshape(joined, shape_of(final_wait))
+        results = []
+        for out, views in zip(site.outputs, self.collected, strict=True):
+            joined = self.emit.cat([view for view, _ in views], views[0][1])
+            results.append(self.emit.reshape(joined, shape_of(out.wait)))
+        escaped = {e: self.emit.cat(parts, e.axis) for e, parts in self.parts.items()}
         tail = self.tag(mark, None, "reassemble")
-        apply_order(pipeline_order(stages, tail), self.site.attention)
-        if self.site.output.fill is not None:
-            buffer = self.site.output.fill.args[0]
-            self.emit.graph.erase_node(self.site.output.fill)
-            buffer.replace_all_uses_with(result)
-            self.emit.graph.erase_node(buffer)
-        final_wait.replace_all_uses_with(result)
-        _erase_site(self.emit.graph, self.site)
+        apply_order(pipeline_order(stages, tail), site.attention)
+
+        graph = self.emit.graph
+        for out, result in zip(site.outputs, results, strict=True):
+            if out.fill is not None:
+                buffer = out.fill.args[0]
+                graph.erase_node(out.fill)
+                buffer.replace_all_uses_with(result)
+                graph.erase_node(buffer)
+            out.wait.replace_all_uses_with(result)
+        for escape, value in escaped.items():
+            for user in escape.users:
+                user.replace_input_with(escape.node, value)
+        for index, value in self.shared.items():
+            for user in site.shared_outputs[index]:
+                user.replace_input_with(next(u for u in site.attention.users if u.args[1] == index), value)
+        _erase_site(graph, site)
 
 
 def _erase_site(graph: Graph, site: Site) -> None:
-    out = site.output
-    doomed: list[Node] = [out.wait, out.all_to_all, *reversed(out.send_path)]
-    if out.source is not site.attention:
-        doomed.append(out.source)
-    doomed += [u for u in site.attention.users if u.target is operator.getitem and u is not out.source]
+    doomed: list[Node] = []
+    for out in site.outputs:
+        doomed += [out.wait, out.all_to_all, *reversed(out.send_path)]
+    doomed += list(site.attention.users)
     doomed.append(site.attention)
     for ex in site.inputs:
         doomed += [ex.fill] if ex.fill is not None else []
@@ -191,6 +208,8 @@ def _erase_site(graph: Graph, site: Site) -> None:
         if node not in erased and not node.users:
             graph.erase_node(node)
             erased.add(node)
+    if site.attention not in erased:
+        raise RuntimeError(f"internal error: {site.attention.name} still has users after the rewrite")
 
 
 def rewrite_site(graph: Graph, site: Site, plan: ChunkPlan) -> None:

@@ -18,9 +18,11 @@ Steps of `pipeline_order(stages, tail)`:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
-from torch.fx import Node
+from torch.fx import Graph, Node
+from torch.utils._ordered_set import OrderedSet
 
 
 @dataclass
@@ -47,3 +49,43 @@ def pipeline_order(stages: list[ChunkStages], tail: list[Node]) -> list[Node]:
 def apply_order(order: list[Node], anchor: Node) -> None:
     for node in order:
         anchor.prepend(node)
+
+
+def pin_pipeline(graph: Graph) -> int:
+    """Make the pipeline order data dependencies, so that Inductor's scheduler cannot undo it.
+
+    Inductor's default memory-driven reordering moves each wait up next to its collective, which
+    serialises the exchanges again. `control_deps` (Inductor's ordering HOP) pins, per site:
+    chunk c+1's input all-to-alls before chunk c's attention, their waits after it, chunk c's
+    output all-to-all before chunk c+1's attention, and the output waits after the last output
+    all-to-all. Returns the number of pinned nodes.
+    """
+    from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
+
+    tagged: dict[int, dict[int, dict[str, list[Node]]]] = {}
+    for node in graph.nodes:
+        tag = node.meta.get("hcms")
+        if tag is None or tag["chunk"] is None:
+            continue
+        if tag["role"] == "attention" and node.target is operator.getitem:
+            continue
+        tagged.setdefault(tag["site"], {}).setdefault(tag["chunk"], {}).setdefault(tag["role"], []).append(node)
+    deps: dict[Node, OrderedSet[Node]] = {}
+
+    def need(node: Node, before: list[Node]) -> None:
+        deps.setdefault(node, OrderedSet()).update(before)
+
+    for chunks in tagged.values():
+        order = [chunks[c] for c in sorted(chunks)]
+        for this, nxt in zip(order, order[1:], strict=False):
+            (attention,) = this["attention"]
+            need(attention, nxt["all_to_all"])
+            for wait in nxt["wait"]:
+                need(wait, [attention])
+            need(nxt["attention"][0], this["output_all_to_all"])
+        last_sent = order[-1]["output_all_to_all"]
+        for chunk in order[:-1]:
+            for wait in chunk["output_wait"]:
+                need(wait, last_sent)
+    preserve_node_ordering(graph, deps)
+    return len(deps)

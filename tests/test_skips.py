@@ -46,10 +46,12 @@ def _skipped(fn, reason: str, n_sites: int = 1, tracer: str = "make_fx"):
 
 
 def test_plain_attention_without_collectives_is_a_skip():
-    _skipped(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "before any all-to-all")
+    _skipped(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "no per-head input arrives from an all-to-all")
 
 
-def test_cross_attention_whose_keys_do_not_come_from_an_all_to_all():
+def test_local_keys_and_values_are_sliced_per_chunk():
+    # q arrives by all-to-all; k and v are already per-rank heads (say, replicated context):
+    # each chunk takes its heads' slice of them
     g = ranks.group(P)
 
     def fn(q, k, v):
@@ -57,7 +59,20 @@ def test_cross_attention_whose_keys_do_not_come_from_an_all_to_all():
         k, v = (t.transpose(1, 2)[:, : H // P].repeat(1, 1, P, 1) for t in (k, v))
         return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
 
-    _skipped(fn, "key reaches")
+    gm = trace(fn, _inputs())
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert result.sites[0].rewritten and result.sites[0].exchanges == 1, result
+    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
+    for want, got in zip(ranks.run_on_ranks(gm, inputs, P), ranks.run_on_ranks(result.graph_module, inputs, P),
+                         strict=True):
+        assert torch.equal(want, got)
+
+
+def test_cross_attention_without_any_all_to_all_is_left_alone():
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    _skipped(fn, "no per-head input arrives from an all-to-all")
 
 
 def test_mask_is_not_chunked_yet():
@@ -112,14 +127,36 @@ def test_exchange_that_does_not_gather_sequence():
     _skipped(fn, "does not gather the sequence")
 
 
-def test_receive_value_used_elsewhere():
+def test_intermediate_receive_value_used_elsewhere():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        b, s, h, d = q.shape
+        send = q.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous()
+        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+        q = recv.permute(1, 3, 0, 2, 4).reshape(b, h // P, P * s, d)
+        k, v = (_scatter_heads(t, g) for t in (k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g), recv.sum()
+
+    _skipped(fn, "also used by")
+
+
+def test_attention_inputs_and_outputs_used_elsewhere_are_reassembled():
     g = ranks.group(P)
 
     def fn(q, k, v):
         q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
-        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g), q.sum()
+        o = F.scaled_dot_product_attention(q, k, v)
+        return _gather_heads(o, g), q * 2, o.sum(dim=1)
 
-    _skipped(fn, "also used by")
+    gm = trace(fn, _inputs())
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert result.sites[0].rewritten, result
+    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
+    for want, got in zip(ranks.run_on_ranks(gm, inputs, P), ranks.run_on_ranks(result.graph_module, inputs, P),
+                         strict=True):
+        for w, o in zip(want, got, strict=True):
+            assert torch.equal(w, o)
 
 
 def test_uneven_split_sizes():

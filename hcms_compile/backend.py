@@ -1,0 +1,170 @@
+"""`torch.compile(model, backend=hcms_backend)`: Dynamo -> AOTAutograd -> HCMS -> inner compiler.
+
+The HCMS rewrite runs on every graph AOTAutograd produces (forward, backward, inference). With
+Inductor it runs as a post-grad custom pass (`HcmsGraphPass`, a `CustomGraphPass` whose `uuid()`
+names its configuration, so Inductor's FX graph cache stays on and keys on it); with `aot_eager` it
+runs in the forward and backward compilers. Environment variables, read at each compile:
+`HCMS_DISABLE=1` compiles without the pass; `HCMS_CHUNKS=3` or `HCMS_CHUNKS=2,1` sets the chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+
+from . import passes as passes_pkg
+from .api import rewrite_graph
+from .passes import ChunkSpec, validate_chunks
+from .passes.schedule import pin_pipeline
+from .report import SiteReport, render_sites
+
+log = logging.getLogger("hcms_compile")
+
+INNER = ("inductor", "aot_eager")
+
+
+@dataclass(frozen=True)
+class HcmsOptions:
+    chunks: ChunkSpec = 2
+    exact: bool = True
+    enabled: bool = True
+
+    def key(self) -> str:
+        chunks = list(self.chunks) if not isinstance(self.chunks, int) else self.chunks
+        return json.dumps({"chunks": chunks, "exact": self.exact, "enabled": self.enabled}, sort_keys=True)
+
+
+def options_from_env(chunks: ChunkSpec, exact: bool, environ: dict[str, str] | None = None) -> HcmsOptions:
+    env = os.environ if environ is None else environ
+    enabled = env.get("HCMS_DISABLE", "").strip() not in ("1", "true", "yes")
+    raw = env.get("HCMS_CHUNKS", "").strip()
+    if raw:
+        try:
+            parts = [int(p) for p in raw.replace("+", ",").split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"HCMS_CHUNKS={raw!r}: expected a count like 3 or sizes like 2,1") from None
+        chunks = validate_chunks(parts[0] if len(parts) == 1 else tuple(parts))
+    return HcmsOptions(validate_chunks(chunks), exact, enabled)
+
+
+@dataclass
+class GraphReport:
+    """The rewrite of one graph the backend compiled."""
+
+    phase: str  # "forward", "backward" or "inference"
+    sites: list[SiteReport] = field(default_factory=list)
+
+    def table(self) -> str:
+        return f"{self.phase} graph\n{render_sites(self.sites)}"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _phase(graph: torch.fx.Graph, default: str) -> str:
+    names = [n.name for n in graph.nodes if n.op == "placeholder"]
+    return "backward" if any(name.startswith("tangents") for name in names) else default
+
+
+class HcmsGraphPass:
+    """The HCMS rewrite as an Inductor post-grad custom pass."""
+
+    def __init__(self, options: HcmsOptions, sink: list[GraphReport]) -> None:
+        self.options = options
+        self.sink = sink
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        phase = _phase(graph, "forward")
+        sites = rewrite_graph(graph, chunks=self.options.chunks, exact=self.options.exact)
+        if any(site.rewritten for site in sites):
+            pin_pipeline(graph)
+        self.sink.append(GraphReport(phase, sites))
+
+    def uuid(self) -> bytes:
+        """Changes with the options and with the code of the pass, so cached graphs stay correct."""
+        return hashlib.sha256(f"{_code_hash()} {self.options.key()}".encode()).digest()
+
+
+@functools.cache
+def _code_hash() -> str:
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    sources = sorted(Path(passes_pkg.__file__).resolve().parent.glob("*.py"))
+    for module in (*sources, here / "api.py", here / "backend.py"):
+        digest.update(module.read_bytes())
+    return digest.hexdigest()
+
+
+def _as_custom_pass(graph_pass: HcmsGraphPass) -> Any:
+    # Inductor checks for its CustomGraphPass type; subclass it where available so the cache keys on uuid()
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _Pass(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            graph_pass(graph)
+
+        def uuid(self) -> bytes:
+            return graph_pass.uuid()
+
+    return _Pass()
+
+
+class HcmsBackend:
+    """A torch.compile backend that applies HCMS to every forward and backward graph."""
+
+    def __init__(self, chunks: ChunkSpec = 2, inner: str = "inductor", exact: bool = True) -> None:
+        if inner not in INNER:
+            raise ValueError(f"inner must be one of {INNER}, got {inner!r}")
+        validate_chunks(chunks)
+        self.chunks, self.inner, self.exact = chunks, inner, exact
+        self.reports: list[GraphReport] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        options = options_from_env(self.chunks, self.exact)
+        if not options.enabled:
+            log.info("hcms: HCMS_DISABLE is set; compiling without the pass")
+        if self.inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            patches = {"post_grad_custom_pre_pass": _as_custom_pass(HcmsGraphPass(options, self.reports))}
+            return compile_fx(gm, example_inputs, config_patches=patches if options.enabled else {})
+        return self._aot_eager(gm, example_inputs, options)
+
+    def _aot_eager(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: HcmsOptions):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def compiler(phase: str) -> Callable[..., Any]:
+            def compile_graph(graph_module: torch.fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
+                if options.enabled:
+                    sites = rewrite_graph(graph_module.graph, chunks=options.chunks, exact=options.exact)
+                    graph_module.recompile()
+                    self.reports.append(GraphReport(_phase(graph_module.graph, phase), sites))
+                return make_boxed_func(graph_module.forward)
+
+            return compile_graph
+
+        backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                               inference_compiler=compiler("inference"))
+        return backend(gm, example_inputs)
+
+    def tables(self) -> str:
+        return "\n\n".join(report.table() for report in self.reports)
+
+
+def make_backend(chunks: ChunkSpec = 2, inner: str = "inductor", exact: bool = True) -> HcmsBackend:
+    """A configured HCMS backend: `torch.compile(model, backend=make_backend(chunks=(2, 1)))`."""
+    return HcmsBackend(chunks=chunks, inner=inner, exact=exact)
+
+
+hcms_backend = HcmsBackend()
