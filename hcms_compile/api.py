@@ -10,6 +10,7 @@ import torch.fx
 
 from .passes import ChunkSpec, Site, Skip, match_sites, plan_site, rewrite_site, validate_chunks
 from .passes.emit import EmitError
+from .passes.match import match_again
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
 
 log = logging.getLogger("hcms_compile")
@@ -59,6 +60,8 @@ def _check_args(chunks: object, exact: object) -> ChunkSpec:
 def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, exact: bool) -> SiteReport:
     base = dict(index=found.index, attention=found.attention.name, kernel=found.kernel,
                 world_size=found.world_size, local_heads=found.local_heads)
+    if isinstance(found, Site) and found.is_stale():
+        found = match_again(found)  # an earlier site's rewrite replaced a node this one starts from
     if not isinstance(found, Site):
         return SiteReport(status=SKIPPED, reason=found.reason, **base)
     plan = plan_site(found, spec, exact)
@@ -68,5 +71,9 @@ def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, exact: bo
         rewrite_site(graph, found, plan)
     except EmitError as err:
         return SiteReport(status=SKIPPED, reason=f"rewrite did not check: {err}", **base)
+    except Exception as err:  # noqa: BLE001 - a bug in the pass must not take the user's compile down
+        log.warning("hcms: internal error rewriting %s; site left as it was", found.attention.name, exc_info=True)
+        return SiteReport(status=SKIPPED, reason=f"internal error, please report: {type(err).__name__}: {err}",
+                          **base)
     return SiteReport(status=REWRITTEN, chunk_sizes=plan.chunk_sizes, exchanges=len(found.inputs),
                       bitwise=plan.exactness.bitwise, exactness=plan.exactness.why, **base)

@@ -60,6 +60,8 @@ from .ops import (
     is_all_to_all,
     is_wait,
     layout_op,
+    mutated_args,
+    storage_root,
     target_name,
     unbind_item,
 )
@@ -78,6 +80,7 @@ class InputExchange:
     head: Atom
     feeds: tuple[str, ...]  # which of query, key, value this exchange carries
     fill: Node | None = None  # `copy_(buffer, wait)` of an in-place exchange; the buffer is in `receive`
+    root_layout: Layout = ()  # the root's atoms for this exchange (a root may feed several exchanges)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,15 @@ class Site:
     @property
     def kernel(self) -> str:
         return self.op.kernel
+
+    def is_stale(self) -> bool:
+        """Whether rewriting an earlier site erased a node this record refers to (its root, say)."""
+        nodes = [self.attention, *self.heads.values()]
+        for ex in self.inputs:
+            nodes += [*ex.send_path, ex.all_to_all, ex.wait, *ex.receive]
+        for out in self.outputs:
+            nodes += [out.source, *out.send_path, out.all_to_all, out.wait]
+        return any(getattr(node, "_erased", False) for node in nodes)
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,14 @@ def match_sites(graph: Graph) -> list[Site | Skip]:
         except NoMatch as err:
             found.append(Skip(index, node, op.kernel, str(err)))
     return _drop_shared_exchanges(found)
+
+
+def match_again(site: Site) -> Site | Skip:
+    """Match one attention op again, after earlier rewrites changed the graph around it."""
+    try:
+        return _Matcher(site.attention, site.op, site.index).run()
+    except NoMatch as err:
+        return Skip(site.index, site.attention, site.op.kernel, str(err))
 
 
 def _drop_shared_exchanges(found: list[Site | Skip]) -> list[Site | Skip]:
@@ -260,11 +280,43 @@ class _Matcher:
         world = self.world_size = world_size_of(group)
         exchanges = [self._input_exchange(a2a, wait, feeds, nodes, heads, world)
                      for a2a, (feeds, nodes, wait) in routes.items()]
+        _check_disjoint_send_paths(exchanges)
+        self._check_no_mutation(exchanges)
+        self._check_locals_independent(exchanges, {name: heads[name] for name in local})
         escapes = self._input_escapes(exchanges, heads)
         outputs, out_escapes, shared = self._outputs(exchanges[0], heads, group, world)
         return Site(self.index, self.attention, self.op, tuple(exchanges), outputs, local,
                     escapes + out_escapes, shared, group, world, self.local_heads, heads, self.atoms,
                     self.layouts)
+
+    def _check_no_mutation(self, exchanges: list[InputExchange]) -> None:
+        """The chunks read the send paths later than the original exchanges did (just before the
+        attention); an in-place write to that storage in between would change what they read."""
+        order = _position(self.attention.graph)
+        storages = {storage_root(n) for ex in exchanges for n in ex.send_path}
+        fills = {ex.fill for ex in exchanges}
+        node = min((ex.send_path[0] for ex in exchanges), key=order)
+        while node is not self.attention:
+            if node not in fills and any(storage_root(arg) in storages for arg in mutated_args(node)):
+                raise NoMatch(f"{node.name} writes in place to storage an input all-to-all sends; moving the "
+                              "chunked sends past it is not safe")
+            node = node.next
+
+    def _check_locals_independent(self, exchanges: list[InputExchange], local: dict[str, Node]) -> None:
+        """A local input computed from an exchanged one cannot be sliced before the chunks exist."""
+        order = _position(self.attention.graph)
+        floor = min(order(ex.all_to_all) for ex in exchanges)
+        site_nodes = {n for ex in exchanges for n in (ex.all_to_all, ex.wait, *ex.receive)}
+        for name, node in local.items():
+            stack, seen = [node], set()
+            while stack:
+                current = stack.pop()
+                if current in site_nodes:
+                    raise NoMatch(f"{name} is computed from the exchanged inputs; it cannot be sliced per chunk")
+                if current in seen or order(current) < floor:
+                    continue
+                seen.add(current)
+                stack.extend(current.all_input_nodes)
 
     def _walk_back(self, name: str, node: Node) -> tuple[Node, Node, list[Node]]:
         """From q, k or v back through layout ops to the wait that completes an all-to-all."""
@@ -350,6 +402,7 @@ class _Matcher:
         self.layouts[root] = self.atoms.root(shape_of(root))
         for node in path[1:]:
             self.layouts[node] = self._follow(node)
+        root_layout = self.layouts[root]
         received, dest, src = self.atoms.exchange(self.layouts[send.input], world)
         self.layouts[a2a] = self.layouts[wait] = received
         receive = tuple(sorted(nodes, key=_position(a2a.graph)))
@@ -369,13 +422,16 @@ class _Matcher:
         if len(head_atoms) != 1:
             raise NoMatch(f"{', '.join(feeds)} share {a2a.name} but not one head axis")
         (head,) = head_atoms
-        self._check_scatter_heads(root, dest, head, a2a)
+        if head >= 0 and head not in self.atoms.expand([a for dim in self.layouts[send.input] for a in dim]):
+            raise NoMatch(f"the local heads of {', '.join(feeds)} are not a factor of {a2a.name}'s buffer")
+        self._check_scatter_heads(path, dest, head, a2a)
         for name in feeds:
             seq = self.atoms.expand(self.layouts[heads[name]][-2])
             if seq[: len(src)] != src:
                 raise NoMatch(f"{a2a.name} does not gather the sequence: the source rank is not the "
                               f"leading factor of {name}'s sequence axis")
-        return InputExchange(a2a, wait, path, receive, head, tuple(feeds), next(iter(fills), None))
+        return InputExchange(a2a, wait, path, receive, head, tuple(feeds), next(iter(fills), None),
+                             root_layout)
 
     def _head_atom(self, node: Node, name: str, dest: tuple[Atom, ...]) -> Atom:
         group = self.atoms.expand(self.layouts[node][-3])
@@ -388,14 +444,18 @@ class _Matcher:
             raise NoMatch(f"{name}'s head axis is the all-to-all's rank axis")
         return atom
 
-    def _check_scatter_heads(self, root: Node, dest: tuple[Atom, ...], head: Atom, a2a: Node) -> None:
+    def _check_scatter_heads(self, path: tuple[Node, ...], dest: tuple[Atom, ...], head: Atom, a2a: Node) -> None:
+        """Some tensor on the send path has a dim whose factors are (rank, local head): a global head
+        axis that the exchange deals out in contiguous blocks, rank r getting [r*H/P, (r+1)*H/P)."""
         if not dest or head < 0:
             return
-        flat = self.atoms.expand([a for dim in self.layouts[root] for a in dim])
-        i = flat.index(dest[0])
-        if flat[i : i + len(dest) + 1] != (*dest, head):
-            raise NoMatch(f"{a2a.name} does not scatter heads: at {root.name} the rank factor is not "
-                          "directly above the local heads")
+        wanted = (*dest, head)
+        for node in path:
+            for dim in self.atoms.resolve(self.layouts[node]):
+                if any(dim[i : i + len(wanted)] == wanted for i in range(len(dim))):
+                    return
+        raise NoMatch(f"{a2a.name} does not scatter heads: no tensor on its send path has the rank factor "
+                      "directly above the local heads in one dim")
 
     def _input_escapes(self, exchanges: list[InputExchange], heads: dict[str, Node]) -> tuple[Escape, ...]:
         escapes: dict[Node, Escape] = {}
@@ -507,6 +567,9 @@ class _Matcher:
         received, dest, _ = self.atoms.exchange(self.layouts[args.input], world)
         self.layouts[a2a] = self.layouts[wait] = received
         if head >= 0:
+            sent = self.atoms.expand([a for dim in self.layouts[args.input] for a in dim])
+            if head not in sent:
+                raise NoMatch(f"the path from attention output {index} to {a2a.name} drops the head axis")
             if head in dest or self.atoms.expand([head]) != (head,):
                 raise NoMatch(f"{a2a.name} splits the local heads across ranks")
             seq = self.atoms.expand(self.layouts[source][-2])
@@ -526,6 +589,15 @@ def _reachable(node: Node, limit: int = 64) -> list[Node]:
             seen.append(n)
             frontier.extend(n.users)
     return seen
+
+
+def _check_disjoint_send_paths(exchanges: list[InputExchange]) -> None:
+    seen: set[Node] = set()
+    for ex in exchanges:
+        shared = seen & set(ex.send_path[1:])
+        if shared:
+            raise NoMatch(f"two input all-to-alls share {sorted(n.name for n in shared)} on their send paths")
+        seen |= set(ex.send_path[1:])
 
 
 def _check_equal_splits(args: Any, shape: tuple[int, ...], world: int) -> None:

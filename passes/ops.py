@@ -92,10 +92,26 @@ def _tensor_input(node: Node) -> Node | None:
     return arg if isinstance(arg, Node) else None
 
 
+def _dtype(node: Node) -> Any:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return getattr(val, "dtype", None)
+
+
 def layout_op(node: Node) -> LayoutOp | None:
     """The layout meaning of `node`, or None when it computes, or its effect cannot be proven."""
+    step = _layout_op(node)
+    if step is not None and step.kind != UNBIND and _dtype(node) != _dtype(step.source):
+        return None  # `view(dtype)` reinterprets bits: not a layout op
+    return step
+
+
+def _layout_op(node: Node) -> LayoutOp | None:
     if node.op not in ("call_function", "call_method"):
         return None
+    if node.target is operator.getitem and isinstance(node.args[0], Node) and isinstance(node.args[1], int):
+        # `x[i]` on a tensor (Dynamo keeps it as getitem) selects along dim 0
+        source_val = node.args[0].meta.get("val", node.args[0].meta.get("example_value"))
+        return LayoutOp(SELECT, node.args[0], (0,)) if isinstance(source_val, torch.Tensor) else None
     name = _CALLABLE_OPS.get(node.target, target_name(node)) if node.op == "call_function" else str(node.target)
     source = _tensor_input(node)
     if source is None:
@@ -299,3 +315,41 @@ def inplace_fill(buffer: Node) -> Node | None:
     if any(order[u] < order[fill] for u in buffer.users if u is not fill):
         return None
     return fill
+
+
+# -- mutation -----------------------------------------------------------------------------------
+
+
+def mutated_args(node: Node) -> list[Node]:
+    """The tensors `node` writes in place (empty for functional ops)."""
+    target = node.target
+    if node.op == "call_method":
+        name = str(target)
+        return [node.args[0]] if name.endswith("_") and not name.startswith("_") and node.args else []
+    if node.op != "call_function":
+        return []
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = getattr(target, "default", None) or target
+    if isinstance(target, torch._ops.OpOverload):
+        values = dict(zip((a.name for a in target._schema.arguments), node.args, strict=False)) | dict(node.kwargs)
+        return [values[a.name] for a in target._schema.arguments
+                if a.alias_info is not None and a.alias_info.is_write and isinstance(values.get(a.name), Node)]
+    if target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv):
+        return [node.args[0]] if isinstance(node.args[0], Node) else []
+    name = getattr(target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_") and node.args and isinstance(node.args[0], Node):
+        return [node.args[0]]
+    return []
+
+
+def storage_root(node: Node) -> Node:
+    """The node whose storage `node` may alias, following layout ops (conservatively)."""
+    while True:
+        step = layout_op(node)
+        if step is None:
+            item = unbind_item(node)
+            if item is None:
+                return node
+            node = item[0]
+            continue
+        node = step.source

@@ -91,7 +91,7 @@ class _SiteWriter:
     def send(self, ex: InputExchange, start: int, size: int, override: dict[Atom, int]) -> Node:
         mapping: dict[Node, Node] = {}
         for i, node in enumerate(ex.send_path):
-            dims = self.atoms.resolve(self.layouts[node])
+            dims = self.atoms.resolve(ex.root_layout if i == 0 else self.layouts[node])
             if (ex.head,) in dims:
                 mapping[node] = self.emit.narrow(node, dims.index((ex.head,)), start, size)
                 self.replay(ex.send_path[i + 1 :], mapping, override)

@@ -233,3 +233,92 @@ def test_one_rewritten_site_and_one_skipped_site_in_one_graph():
     got = ranks.run_on_ranks(result.graph_module, inputs, P)
     for w, o in zip(want, got, strict=True):
         assert torch.equal(w, o)
+
+
+def test_in_place_write_to_sent_storage_blocks_the_rewrite():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        b, s, h, d = q.shape
+        send = q.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous()
+        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+        q.mul_(0)  # after the send: the chunks, sent later, would see zeros
+        q2 = recv.permute(1, 3, 0, 2, 4).reshape(b, h // P, P * s, d)
+        k, v = (_scatter_heads(t, g) for t in (k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q2, k, v), g)
+
+    for tracer in ("make_fx", "dynamo"):
+        _skipped(fn, "writes in place to storage an input all-to-all sends", tracer=tracer)
+
+
+def test_bit_reinterpreting_view_is_not_a_layout_op():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        b, h, s, d = o.shape
+        send = o.reshape(b, h, P, s // P, d).permute(2, 0, 3, 1, 4).contiguous().view(torch.int32)
+        return funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+
+    _skipped(fn, "no attention output reaches an all-to-all")
+
+
+def test_output_path_that_drops_the_head_axis():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v).select(1, 0)  # [B, S, D]: one head kept
+        b, s, d = o.shape
+        send = o.reshape(b, P, s // P, d).transpose(0, 1).contiguous()
+        return funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+
+    _skipped(fn, "drops the head axis")
+
+
+def test_one_send_buffer_for_q_k_and_v():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        b, s, h, d = q.shape
+        send = q.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous()
+        q, k, v = (funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+                   .permute(1, 3, 0, 2, 4).reshape(b, h // P, P * s, d) for _ in range(3))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    _skipped(fn, "share")
+
+
+def test_local_input_computed_from_an_exchanged_input():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q = _scatter_heads(q, g)
+        return _gather_heads(F.scaled_dot_product_attention(q, q * 2, q * 3), g)
+
+    _skipped(fn, "is computed from the exchanged inputs")
+
+
+def test_back_to_back_blocks_where_the_second_starts_at_the_first_reassembly():
+    g = ranks.group(P)
+
+    def block(x):  # xDiT-style [B, H, S/P, D] in and out, no wait of its own after the exchange
+        b, h, s, d = x.shape
+        send = x.reshape(b, P, h // P, s, d).permute(1, 0, 2, 3, 4).contiguous()
+        recv = funcol.all_to_all_single(send, None, None, g)
+        qkv = recv.permute(1, 2, 0, 3, 4).reshape(b, h // P, P * s, d)
+        o = F.scaled_dot_product_attention(qkv, qkv, qkv)
+        back = o.reshape(b, h // P, P, s, d).permute(2, 0, 1, 3, 4).contiguous()
+        return funcol.all_to_all_single(back, None, None, g).permute(1, 0, 2, 3, 4).reshape(b, h, s, d)
+
+    def fn(q, k, v):
+        return block(block(q.transpose(1, 2)))
+
+    gm = trace(fn, _inputs())
+    result = hcms_compile.rewrite(gm, chunks=2, exact=False)
+    assert [s.status for s in result.sites] == ["rewritten", "rewritten"], result
+    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
+    for want, got in zip(ranks.run_on_ranks(gm, inputs, P), ranks.run_on_ranks(result.graph_module, inputs, P),
+                         strict=True):
+        torch.testing.assert_close(got, want)
