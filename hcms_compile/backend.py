@@ -63,6 +63,7 @@ class GraphReport:
 
     phase: str  # "forward", "backward" or "inference"
     sites: list[SiteReport] = field(default_factory=list)
+    graph_module: torch.fx.GraphModule | None = None  # the rewritten graph (aot_eager only)
 
     def table(self) -> str:
         return f"{self.phase} graph\n{render_sites(self.sites)}"
@@ -146,10 +147,11 @@ class HcmsBackend:
 
         def compiler(phase: str) -> Callable[..., Any]:
             def compile_graph(graph_module: torch.fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
+                sites: list[SiteReport] = []
                 if options.enabled:
                     sites = rewrite_graph(graph_module.graph, chunks=options.chunks, exact=options.exact)
                     graph_module.recompile()
-                    self.reports.append(GraphReport(_phase(graph_module.graph, phase), sites))
+                self.reports.append(GraphReport(_phase(graph_module.graph, phase), sites, graph_module))
                 return make_boxed_func(graph_module.forward)
 
             return compile_graph

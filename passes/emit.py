@@ -158,6 +158,16 @@ class Emitter:
             return self.call(torch.cat, list(xs), dim)
         return self.call(aten.cat.default, list(xs), dim)
 
+    def restride(self, x: Node, like: Node) -> Node:
+        """`x` with the strides of `like` (same shape): saved tensors must keep the layout the
+        backward graph was compiled for. Dynamo graphs are retraced, so there it is a no-op."""
+        have, want = self._value(x), self._value(like)
+        if self.dialect == "torch" or tuple(have.stride()) == tuple(want.stride()):
+            return x
+        empty = self.call(aten.empty_strided.default, list(want.shape), list(want.stride()), dtype=want.dtype,
+                          device=want.device)
+        return self.call(aten.copy.default, empty, x)
+
     def rollback(self) -> None:
         for node in reversed(self.created):
             if not node.users:

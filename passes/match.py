@@ -80,7 +80,8 @@ class InputExchange:
     head: Atom
     feeds: tuple[str, ...]  # which of query, key, value this exchange carries
     fill: Node | None = None  # `copy_(buffer, wait)` of an in-place exchange; the buffer is in `receive`
-    root_layout: Layout = ()  # the root's atoms for this exchange (a root may feed several exchanges)
+    # the send path's atoms for this exchange: q, k and v may share nodes (one projection, unbound)
+    send_layouts: dict[Node, Layout] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,6 @@ class _Matcher:
         world = self.world_size = world_size_of(group)
         exchanges = [self._input_exchange(a2a, wait, feeds, nodes, heads, world)
                      for a2a, (feeds, nodes, wait) in routes.items()]
-        _check_disjoint_send_paths(exchanges)
         self._check_no_mutation(exchanges)
         self._check_locals_independent(exchanges, {name: heads[name] for name in local})
         escapes = self._input_escapes(exchanges, heads)
@@ -402,7 +402,7 @@ class _Matcher:
         self.layouts[root] = self.atoms.root(shape_of(root))
         for node in path[1:]:
             self.layouts[node] = self._follow(node)
-        root_layout = self.layouts[root]
+        send_layouts = {node: self.layouts[node] for node in path}
         received, dest, src = self.atoms.exchange(self.layouts[send.input], world)
         self.layouts[a2a] = self.layouts[wait] = received
         receive = tuple(sorted(nodes, key=_position(a2a.graph)))
@@ -431,7 +431,7 @@ class _Matcher:
                 raise NoMatch(f"{a2a.name} does not gather the sequence: the source rank is not the "
                               f"leading factor of {name}'s sequence axis")
         return InputExchange(a2a, wait, path, receive, head, tuple(feeds), next(iter(fills), None),
-                             root_layout)
+                             send_layouts)
 
     def _head_atom(self, node: Node, name: str, dest: tuple[Atom, ...]) -> Atom:
         group = self.atoms.expand(self.layouts[node][-3])
@@ -589,15 +589,6 @@ def _reachable(node: Node, limit: int = 64) -> list[Node]:
             seen.append(n)
             frontier.extend(n.users)
     return seen
-
-
-def _check_disjoint_send_paths(exchanges: list[InputExchange]) -> None:
-    seen: set[Node] = set()
-    for ex in exchanges:
-        shared = seen & set(ex.send_path[1:])
-        if shared:
-            raise NoMatch(f"two input all-to-alls share {sorted(n.name for n in shared)} on their send paths")
-        seen |= set(ex.send_path[1:])
 
 
 def _check_equal_splits(args: Any, shape: tuple[int, ...], world: int) -> None:

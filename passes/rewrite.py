@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from torch.fx import Graph, Node
 
 from .emit import Emitter
-from .layout import Atom
+from .layout import Atom, Layout
 from .match import Escape, InputExchange, Site, shape_of
 from .ops import REGROUP, exchange_args, inplace_fill, layout_op, replace_attention_inputs
 from .plan import ChunkPlan
@@ -56,7 +56,9 @@ class _SiteWriter:
         return len(self.emit.created)
 
     # -- replaying layout nodes ----------------------------------------------------------------
-    def replay(self, nodes: Iterable[Node], mapping: dict[Node, Node], override: dict[Atom, int]) -> None:
+    def replay(self, nodes: Iterable[Node], mapping: dict[Node, Node], override: dict[Atom, int],
+               layouts: dict[Node, Layout] | None = None) -> None:
+        layouts = self.layouts if layouts is None else layouts
         for node in nodes:
             fill = inplace_fill(node)
             if fill is not None:  # the in-place buffer is the wait's result under another name
@@ -64,14 +66,14 @@ class _SiteWriter:
                 continue
             step = layout_op(node)
             if step is not None and step.kind == REGROUP:
-                shape = self.atoms.shape(self.layouts[node], override)
+                shape = self.atoms.shape(layouts[node], override)
                 mapping[node] = self.emit.reshape(mapping[step.source], shape, like=node)
             else:
                 mapping[node] = self.emit.copy(node, mapping)
 
-    def atom_view(self, node: Node, source: Node, head: Atom, override: dict[Atom, int]) -> tuple[Node, int]:
-        """`node` (contiguous, laid out like `source`) viewed with one dim per atom, and the head dim."""
-        flat = self.atoms.expand([a for dim in self.layouts[source] for a in dim])
+    def atom_view(self, node: Node, layout: Layout, head: Atom, override: dict[Atom, int]) -> tuple[Node, int]:
+        """`node` (contiguous, with `layout`) viewed with one dim per atom, and the head dim."""
+        flat = self.atoms.expand([a for dim in layout for a in dim])
         shape = [override.get(a, self.atoms.sizes[a]) for a in flat]
         return self.emit.reshape(node, shape), flat.index(head)
 
@@ -79,9 +81,9 @@ class _SiteWriter:
         """All-to-all needs a dense buffer; a slice or a replayed view may not be one."""
         return send if self.emit.is_contiguous(send) else self.emit.contiguous(send)
 
-    def exchange(self, send: Node, original: Node, override: dict[Atom, int], like_layout: Node) -> Node:
+    def exchange(self, send: Node, original: Node, override: dict[Atom, int], layout: Layout) -> Node:
         args = exchange_args(original)
-        rows = self.atoms.shape(self.layouts[like_layout], override)[0]
+        rows = self.atoms.shape(layout, override)[0]
         splits = [rows // self.site.world_size] * self.site.world_size
         out_splits = splits if args.output_splits else args.output_splits
         in_splits = splits if args.input_splits else args.input_splits
@@ -91,15 +93,15 @@ class _SiteWriter:
     def send(self, ex: InputExchange, start: int, size: int, override: dict[Atom, int]) -> Node:
         mapping: dict[Node, Node] = {}
         for i, node in enumerate(ex.send_path):
-            dims = self.atoms.resolve(ex.root_layout if i == 0 else self.layouts[node])
+            dims = self.atoms.resolve(ex.send_layouts[node])
             if (ex.head,) in dims:
                 mapping[node] = self.emit.narrow(node, dims.index((ex.head,)), start, size)
-                self.replay(ex.send_path[i + 1 :], mapping, override)
+                self.replay(ex.send_path[i + 1 :], mapping, override, ex.send_layouts)
                 return mapping[ex.send_path[-1]]
         buffer = ex.send_path[-1]
-        view, dim = self.atom_view(buffer, buffer, ex.head, {})
+        view, dim = self.atom_view(buffer, ex.send_layouts[buffer], ex.head, {})
         piece = self.emit.contiguous(self.emit.narrow(view, dim, start, size))
-        return self.emit.reshape(piece, self.atoms.shape(self.layouts[buffer], override))
+        return self.emit.reshape(piece, self.atoms.shape(ex.send_layouts[buffer], override))
 
     # -- steps 1 to 3 for one chunk ------------------------------------------------------------
     def chunk(self, c: int, start: int, size: int) -> ChunkStages:
@@ -111,7 +113,7 @@ class _SiteWriter:
             send = self.contiguous(self.send(ex, start, size, override))
             stages.send += self.tag(mark, c, "send_layout")
             mark = self.mark()
-            a2a = self.exchange(send, ex.all_to_all, override, ex.send_path[-1])
+            a2a = self.exchange(send, ex.all_to_all, override, ex.send_layouts[ex.send_path[-1]])
             stages.send += self.tag(mark, c, "all_to_all", COMM)
             mark = self.mark()
             mapping[ex.wait] = self.emit.call(ex.wait.target, a2a)
@@ -148,13 +150,13 @@ class _SiteWriter:
             send = self.contiguous(values[buffer])
             stages.attend += self.tag(mark, c, "output_layout")
             mark = self.mark()
-            a2a = self.exchange(send, out.all_to_all, override, buffer)
+            a2a = self.exchange(send, out.all_to_all, override, self.layouts[buffer])
             stages.attend += self.tag(mark, c, "output_all_to_all", COMM)
             mark = self.mark()
             wait = self.emit.call(out.wait.target, a2a)
             stages.collect += self.tag(mark, c, "output_wait", COMM)
             mark = self.mark()
-            self.collected[k].append(self.atom_view(wait, out.wait, out.head, override))
+            self.collected[k].append(self.atom_view(wait, self.layouts[out.wait], out.head, override))
             stages.collect += self.tag(mark, c, "collect")
         return stages
 
@@ -170,7 +172,7 @@ class _SiteWriter:
         for out, views in zip(site.outputs, self.collected, strict=True):
             joined = self.emit.cat([view for view, _ in views], views[0][1])
             results.append(self.emit.reshape(joined, shape_of(out.wait)))
-        escaped = {e: self.emit.cat(parts, e.axis) for e, parts in self.parts.items()}
+        escaped = {e: self.emit.restride(self.emit.cat(parts, e.axis), e.node) for e, parts in self.parts.items()}
         tail = self.tag(mark, None, "reassemble")
         apply_order(pipeline_order(stages, tail), site.attention)
 

@@ -287,7 +287,13 @@ def test_one_send_buffer_for_q_k_and_v():
                    .permute(1, 3, 0, 2, 4).reshape(b, h // P, P * s, d) for _ in range(3))
         return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
 
-    _skipped(fn, "share")
+    gm = trace(fn, _inputs())
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert result.sites[0].rewritten and result.sites[0].exchanges == 3, result
+    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
+    for want, got in zip(ranks.run_on_ranks(gm, inputs, P), ranks.run_on_ranks(result.graph_module, inputs, P),
+                         strict=True):
+        assert torch.equal(want, got)
 
 
 def test_local_input_computed_from_an_exchanged_input():

@@ -45,8 +45,8 @@ def _world(group: dist.ProcessGroup, heads: int) -> int:
 
 
 def _a2a(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """Even-split functional all-to-all along dim 0, waited on as real libraries do."""
-    return funcol.wait_tensor(funcol.all_to_all_single(x, None, None, group))
+    """Even-split functional all-to-all along dim 0 (differentiable), waited on as real libraries do."""
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x, None, None, group))
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float | None) -> Tensor:
@@ -91,7 +91,7 @@ def attn_funcol(
 def _a2a_flat(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """diffusers sends a 1-D buffer and restores the shape before waiting."""
     shape = x.shape
-    y = funcol.all_to_all_single(x.flatten(), None, None, group)
+    y = funcol.all_to_all_single_autograd(x.flatten(), None, None, group)
     return funcol.wait_tensor(y.reshape(shape))
 
 
