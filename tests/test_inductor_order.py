@@ -1,0 +1,87 @@
+"""Inductor keeps the pipeline: read its generated code for the forward and the backward graph.
+
+With Inductor's default configuration (memory-driven reordering on), each all-to-all whose wait
+follows a later chunk's attention in the FX graph must still be waited on only after that
+attention in the generated code; without HCMS no exchange overlaps any attention.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import hcms_compile
+from hcms_compile.testing import ranks
+from hcms_compile.testing.layouts import attn_funcol
+
+A2A = re.compile(r"^\s*(buf\d+) = torch\.ops\._c10d_functional\.all_to_all_single\.default\(")
+WAIT = re.compile(r"torch\.ops\._c10d_functional\.wait_tensor\.default\((buf\d+)\)")
+ATTENTION = re.compile(r"= torch\.ops\.aten\._scaled_dot_product_flash_attention_for_cpu(_backward)?\.default\(")
+
+
+def _events(code: str) -> list[tuple[str, str]]:
+    """(kind, buffer) in the order the generated `call` runs them."""
+    body = code[code.index("def call(self, args):"):]
+    events = []
+    for line in body.splitlines():
+        if m := A2A.match(line):
+            events.append(("a2a", m.group(1)))
+        elif m := WAIT.search(line):
+            events.append(("wait", m.group(1)))
+        elif ATTENTION.search(line):
+            events.append(("attention", ""))
+    return events
+
+
+def _attention_between_issue_and_wait(events: list[tuple[str, str]]) -> list[int]:
+    """For each all-to-all, how many attention kernels run between its launch and its first wait."""
+    gaps = []
+    for i, (kind, buf) in enumerate(events):
+        if kind != "a2a":
+            continue
+        first_wait = next(j for j in range(i + 1, len(events)) if events[j] == ("wait", buf))
+        gaps.append(sum(1 for kind2, _ in events[i + 1:first_wait] if kind2 == "attention"))
+    return gaps
+
+
+def _compile_and_get_code(disable: bool, monkeypatch) -> list[str]:
+    if disable:
+        monkeypatch.setenv("HCMS_DISABLE", "1")
+    group = ranks.group(2)
+    backend = hcms_compile.make_backend(chunks=2, inner="inductor", exact=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attn_funcol(q, k, v, group, is_causal=True), backend=backend,
+                             fullgraph=True)
+    inputs = [torch.randn(2, 32, 4, 8, requires_grad=True) for _ in range(3)]
+
+    def step():
+        compiled(*inputs).sum().backward()
+
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(step)
+    assert len(codes) == 2, "expected a forward and a backward kernel module"
+    return codes
+
+
+def test_generated_code_keeps_the_pipeline(monkeypatch):
+    forward, backward = _compile_and_get_code(False, monkeypatch)
+    # forward: 3 input exchanges per chunk and 1 output; backward: 1 input and 3 outputs (dq, dk, dv).
+    # Only chunk 0's inputs and the last chunk's outputs have no attention to hide behind.
+    for code, exposed in ((forward, 3 + 1), (backward, 1 + 3)):
+        events = _events(code)
+        assert sum(kind == "attention" for kind, _ in events) == 2
+        gaps = _attention_between_issue_and_wait(events)
+        assert len(gaps) == 8
+        assert sum(g == 0 for g in gaps) == exposed, (gaps, events)
+        # chunk 1's input exchanges are launched before chunk 0's attention kernel
+        first_attention = events.index(("attention", ""))
+        launched = [kind for kind, _ in events[:first_attention]].count("a2a")
+        assert launched >= 2 * (3 if code is forward else 1)
+
+
+def test_without_hcms_nothing_overlaps(monkeypatch):
+    forward, backward = _compile_and_get_code(True, monkeypatch)
+    for code in (forward, backward):
+        assert all(g == 0 for g in _attention_between_issue_and_wait(_events(code)))
