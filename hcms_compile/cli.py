@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--layout", choices=[n for n, lay in LAYOUTS.items() if lay.functional], default="funcol")
     demo.add_argument("--causal", action="store_true")
     demo.add_argument("--repeats", type=int, default=5)
+    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--inner", choices=["inductor", "aot_eager"], default="inductor",
+                      help="the compiler HCMS hands the rewritten graphs to")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -37,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--heads {args.heads} is not divisible by --ranks {args.ranks}")
         cfg = UlyssesConfig(heads=args.heads, head_dim=args.head_dim, blocks=args.blocks, layout=args.layout,
                             causal=args.causal)
-        run_demo(DemoArgs(ranks=args.ranks, tokens_per_rank=args.tokens_per_rank, chunks=args.chunks,
-                          repeats=args.repeats, config=cfg))
+        run_demo(DemoArgs(ranks=args.ranks, batch=args.batch, tokens_per_rank=args.tokens_per_rank,
+                          chunks=args.chunks, repeats=args.repeats, inner=args.inner, config=cfg))
     return 0
 
 

@@ -22,3 +22,24 @@ def test_cli_rejects_heads_that_do_not_divide(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--heads", "10", "--ranks", "4"])
     assert "not divisible" in capsys.readouterr().err
+
+
+def test_training_example_runs(capfd):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_ulysses.py")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step 4: loss" in done.stdout and "backward graph" in done.stdout
+
+
+def test_demo_with_inductor_over_gloo_is_bitwise(capfd):
+    from hcms_compile.demo import DemoArgs, run_demo
+    from hcms_compile.models import UlyssesConfig
+
+    run_demo(DemoArgs(ranks=2, tokens_per_rank=32, repeats=1, config=UlyssesConfig(heads=4, head_dim=16, blocks=1)))
+    out = capfd.readouterr().out
+    assert "forward graph" in out and "backward graph" in out
+    assert "on every rank: yes" in out
+    assert out.count("rewritten") >= 2
