@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,11 @@ class GraphReport:
     phase: str  # "forward", "backward" or "inference"
     sites: list[SiteReport] = field(default_factory=list)
     graph_module: torch.fx.GraphModule | None = None  # the rewritten graph (aot_eager only)
+    cached: bool = False  # the compiled code came from a cache: the plan is re-derived, not observed
 
     def table(self) -> str:
-        return f"{self.phase} graph\n{render_sites(self.sites)}"
+        note = " (compiled code came from a cache; the plan shown is re-derived)" if self.cached else ""
+        return f"{self.phase} graph{note}\n{render_sites(self.sites)}"
 
     def __str__(self) -> str:
         return self.table()
@@ -135,11 +138,38 @@ class HcmsBackend:
         if not options.enabled:
             log.info("hcms: HCMS_DISABLE is set; compiling without the pass")
         if self.inner == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            patches = {"post_grad_custom_pre_pass": _as_custom_pass(HcmsGraphPass(options, self.reports))}
-            return compile_fx(gm, example_inputs, config_patches=patches if options.enabled else {})
+            return self._inductor(gm, example_inputs, options)
         return self._aot_eager(gm, example_inputs, options)
+
+    def _inductor(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: HcmsOptions):
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        if not options.enabled:
+            return compile_fx(gm, example_inputs)
+
+        def inner_compile(graph_module: torch.fx.GraphModule, inputs: Any, **kwargs: Any) -> Any:
+            before = len(self.reports)
+            compiled = compile_fx_inner(graph_module, inputs, **kwargs)
+            if len(self.reports) == before:
+                # a cache hit skips post-grad passes; the cache key holds our uuid, so the cached
+                # code was rewritten with this very plan: derive the report from a copy
+                phase = "backward" if kwargs.get("is_backward") else "forward"
+                copy = torch.fx.GraphModule(graph_module, deepcopy(graph_module.graph))
+                sites = rewrite_graph(copy.graph, chunks=options.chunks, exact=options.exact)
+                self.reports.append(GraphReport(phase, sites, cached=True))
+            return compiled
+
+        patches = {"post_grad_custom_pre_pass": _as_custom_pass(HcmsGraphPass(options, self.reports))}
+        before = len(self.reports)
+        dynamo_graph = deepcopy(gm.graph)  # compile_fx may change gm's graph in place
+        compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+        if len(self.reports) == before:
+            # AOTAutograd's cache served the whole compile (its key holds our uuid): report the plan
+            # as the Dynamo graph shows it; the backward graph is not rebuilt just to report on it
+            sites = rewrite_graph(torch.fx.GraphModule(gm, dynamo_graph).graph, chunks=options.chunks,
+                                  exact=options.exact)
+            self.reports.append(GraphReport("forward", sites, cached=True))
+        return compiled
 
     def _aot_eager(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: HcmsOptions):
         from functorch.compile import make_boxed_func

@@ -39,10 +39,14 @@ def dialect_of(graph: Graph) -> str:
     return "aten"
 
 
-def _fake_mode(graph: Graph) -> FakeTensorMode:
-    vals = [n.meta.get("val", n.meta.get("example_value")) for n in graph.nodes]
-    mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    return mode if mode is not None else FakeTensorMode()
+def _fake_mode(graph: Graph, key: str) -> FakeTensorMode:
+    """The fake mode of the graph's own values (not the ambient tracing context's, which can differ
+    when a compiler is running)."""
+    for node in graph.nodes:
+        val = node.meta.get(key)
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+    return FakeTensorMode()
 
 
 def viewable(shape: tuple[int, ...], stride: tuple[int, ...], new_shape: Sequence[int]) -> bool:
@@ -72,7 +76,7 @@ class Emitter:
         self.anchor = anchor
         self.dialect = dialect_of(graph)
         self.key = "example_value" if self.dialect == "torch" else "val"
-        self.mode = _fake_mode(graph)
+        self.mode = _fake_mode(graph, self.key)
         self.created: list[Node] = []
 
     # -- fake values ---------------------------------------------------------------------------
@@ -82,7 +86,8 @@ class Emitter:
         return self.mode.from_tensor(value)
 
     def _value(self, node: Node) -> Any:
-        val = node.meta.get("val", node.meta.get("example_value"))
+        # a Dynamo graph that AOTAutograd has traced can carry values of two fake modes: read ours
+        val = node.meta.get(self.key, node.meta.get("val", node.meta.get("example_value")))
         if val is None:
             raise EmitError(f"{node.name} has no fake value")
         return self._fake(val)

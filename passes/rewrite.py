@@ -13,10 +13,13 @@ Terms
 Steps of `rewrite_site(graph, site, plan)`:
 1. For each chunk and each input exchange: slice at the slice point (or view the send buffer by
    atoms and slice it), replay the rest of the send path with the chunk's sizes, exchange, wait,
-   and replay the receive tree up to q, k, v.
-2. Per chunk: the attention op on the chunk's q, k, v; replay the output path; exchange; wait.
+   and replay the receive tree up to the attention's inputs; slice local inputs on their head axis.
+2. Per chunk: the attention op on the chunk's inputs; for each output exchange, replay the output
+   path, exchange, wait.
 3. Reassemble: view each chunk's receive buffer by atoms, concatenate on the head atom, view back
-   to the original receive shape, and hand that to the original output wait's users.
+   to the original receive shape, and hand that to the original output wait's users. Escapes get
+   the concatenation of their chunks, with the original strides; outputs that are the same in
+   every chunk (RNG state) come from chunk 0.
 4. Order the new nodes with `schedule.pipeline_order`, then erase the original site.
 Any shape that does not check raises `EmitError` before the original nodes are touched; the
 caller then calls `Emitter.rollback()` and the site stays as it was.

@@ -196,3 +196,18 @@ def test_rewrite_logs_through_the_package_logger(caplog):
     with caplog.at_level(logging.INFO, logger="hcms_compile"):
         compile_graphs(_funcol_fn(2), [torch.randn(1, 32, 4, 8) for _ in range(3)], backend, train=False)
     assert any(r.name == "hcms_compile" and "rewritten" in r.getMessage() for r in caplog.records)
+
+
+def test_inductor_cache_hits_still_report_the_plan():
+    group = ranks.group(2)
+    inputs = [torch.randn(1, 32, 4, 8) for _ in range(3)]
+    statuses = []
+    for _ in range(2):  # the second compile is served from Inductor's FX graph cache
+        backend = hcms_compile.make_backend(chunks=2, inner="inductor")
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(lambda q, k, v: attn_funcol(q, k, v, group), backend=backend, fullgraph=True)(*inputs)
+        (report,) = backend.reports
+        statuses.append(([s.status for s in report.sites], report.cached))
+    assert statuses[0][0] == statuses[1][0] == ["rewritten"]
+    assert statuses[1][1] is True
