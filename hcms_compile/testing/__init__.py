@@ -1,1 +1,8 @@
-"""Test helpers for hcms_compile: reference Ulysses layouts and the like."""
+"""Tools to check HCMS on your own graphs, on N ranks inside one process.
+
+- `ranks`: a fake process group and `run_on_ranks` (LocalTensorMode) for real per-rank data.
+- `tracing`: `trace(fn, inputs, tracer)` with make_fx, torch.export, Dynamo or AOTAutograd.
+- `compiled`: capture a backend's forward and backward graphs and run a training step on N ranks.
+- `strategies`: hypothesis strategies for Ulysses cases and chunk splits.
+- `layouts`: reference Ulysses implementations in the layouts real libraries use.
+"""
