@@ -5,4 +5,9 @@
 - `compiled`: capture a backend's forward and backward graphs and run a training step on N ranks.
 - `strategies`: hypothesis strategies for Ulysses cases and chunk splits.
 - `layouts`: reference Ulysses implementations in the layouts real libraries use.
+- `equivalence`: `assert_equivalent`, the bitwise check of outputs and gradients, plain vs HCMS.
 """
+
+from .equivalence import Equivalence, assert_equivalent
+
+__all__ = ["Equivalence", "assert_equivalent"]

@@ -1,0 +1,60 @@
+"""`hcms_compile.testing.assert_equivalent` passes on correct rewrites and catches wrong ones."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hcms_compile.passes import rewrite as rewrite_module
+
+from hcms_compile.models import UlyssesBlock, UlyssesConfig
+from hcms_compile.testing import assert_equivalent, ranks
+from hcms_compile.testing.layouts import attn_funcol
+
+P, B, S, H, D = 4, 2, 128, 12, 8
+BSHD = ("batch", "token", "head", "dim")
+
+
+def _attention(q, k, v, group):
+    return attn_funcol(q, k, v, group, is_causal=True)
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    return [ranks.shard(torch.randn(B, S, H, D, generator=gen), 1, P) for _ in range(3)]
+
+
+def test_a_correct_rewrite_passes_forward_and_backward():
+    fn = functools.partial(_attention, group=ranks.group(P))
+    result = assert_equivalent(fn, _inputs(), world_size=P, chunks=(2, 1), dim_names=BSHD)
+    phases = {g.phase for g in result.graphs if any(s.rewritten for s in g.sites)}
+    assert phases == {"forward", "backward"}
+    assert result.compared == P * 4  # one output and three input gradients per rank
+
+
+def test_a_module_compares_parameter_gradients_too():
+    block = UlyssesBlock(UlyssesConfig(heads=H, head_dim=D, blocks=1), ranks.group(P))
+    x = ranks.shard(torch.randn(B, S, H * D), 1, P)
+    result = assert_equivalent(block, [x], world_size=P, chunks=2, dim_names=("batch", "token", "hidden"))
+    assert result.compared == P * (1 + len(list(block.parameters())) + 1)
+
+
+def test_a_wrong_chunk_to_head_mapping_is_caught(monkeypatch):
+    original = rewrite_module._SiteWriter.send
+
+    def swapped(self, ex, start, size, override):
+        # plant a bug: chunk c takes the heads that belong to the mirror chunk
+        return original(self, ex, self.site.local_heads - start - size, size, override)
+
+    monkeypatch.setattr(rewrite_module._SiteWriter, "send", swapped)
+    fn = functools.partial(_attention, group=ranks.group(P))
+    with pytest.raises(AssertionError, match=r"rank \d, output 0: \d+ of \d+ elements differ; first at batch \d, "
+                                             r"token \d+, head \d+, dim \d: plain .* vs HCMS"):
+        assert_equivalent(fn, _inputs(), world_size=P, chunks=(2, 1), dim_names=BSHD)
+
+
+def test_nothing_rewritten_is_not_a_pass():
+    with pytest.raises(AssertionError, match="rewrote no site"):
+        assert_equivalent(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), _inputs(), world_size=P)
