@@ -18,7 +18,8 @@ Terms
 Steps of `match_sites(graph)`:
 1. Find every attention op in graph order; each is a candidate and yields a `Site` or a `Skip`.
 2. Reject options that would change bits per chunk (dropout) or that this version does not slice
-   (masks, GQA). Every per-head tensor must have the same local-head count.
+   (GQA). Every per-head tensor must have the same local-head count; a mask broadcast over heads
+   is shared by all chunks, a per-head mask is a local input.
 3. Walk back from each per-head input through layout ops to a wait and its all-to-all (or call it
    local), and from each all-to-all's input to its root. Check each receive node is used only on
    the way to attention (the attention's own inputs may also escape).
@@ -236,8 +237,6 @@ class _Matcher:
         dropout = args.get("dropout_p", 0.0)
         if not isinstance(dropout, (int, float)) or dropout != 0.0:
             raise NoMatch(f"dropout_p={dropout}: per-chunk random streams would change the bits")
-        if self.op.mask is not None and args.get(self.op.mask) is not None:
-            raise NoMatch(f"{self.op.mask} is set: masked attention is not chunked yet")
         if args.get("enable_gqa"):
             raise NoMatch("enable_gqa=True: grouped-query attention is not chunked yet")
 
@@ -253,8 +252,24 @@ class _Matcher:
         if len(set(lead.values())) != 1:
             raise NoMatch(f"batch and head dims differ {lead}: broadcast is not chunked yet")
         self.local_heads = next(iter(counts.values()))
+        self._add_mask(args, heads)
         return heads
 
+    def _add_mask(self, args: dict[str, Any], heads: dict[str, Node]) -> None:
+        """A mask broadcast over heads goes to every chunk as it is; a per-head mask (a bias with
+        one slice per local head, ALiBi say) becomes a local input, sliced like the heads."""
+        name = self.op.mask
+        mask = args.get(name) if name is not None else None
+        if mask is None:
+            return
+        if not isinstance(mask, Node):
+            raise NoMatch(f"{name} is not a tensor in the graph")
+        shape = shape_of(mask)
+        if len(shape) < 3 or shape[-3] == 1:
+            return
+        if shape[-3] != self.local_heads:
+            raise NoMatch(f"{name} has {shape[-3]} heads but the site has {self.local_heads} local heads")
+        heads[name] = mask
     def _run(self) -> Site:
         args = attention_args(self.attention, self.op)
         self._check_options(args)
@@ -264,6 +279,9 @@ class _Matcher:
         routes: dict[Node, tuple[list[str], set[Node], Node]] = {}
         local: dict[str, int] = {}
         for name, node in heads.items():
+            if name == self.op.mask:
+                local[name] = -3  # a per-head mask belongs to this rank's heads already
+                continue
             try:
                 a2a, wait, path = self._walk_back(name, node)
             except NoMatch:

@@ -58,3 +58,20 @@ def test_a_wrong_chunk_to_head_mapping_is_caught(monkeypatch):
 def test_nothing_rewritten_is_not_a_pass():
     with pytest.raises(AssertionError, match="rewrote no site"):
         assert_equivalent(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), _inputs(), world_size=P)
+
+
+def _alibi_attention(q, k, v, group):
+    # a per-head additive bias for this rank's heads, through training graphs (forward and backward)
+    from hcms_compile.testing.layouts import _funcol_in, _funcol_out
+
+    q, k, v = (_funcol_in(t, group) for t in (q, k, v))
+    slopes = torch.arange(1, q.shape[1] + 1, dtype=q.dtype).view(1, -1, 1, 1) / q.shape[1]
+    pos = torch.arange(q.shape[2], dtype=q.dtype)
+    bias = slopes * (pos.view(1, 1, 1, -1) - pos.view(1, 1, -1, 1)).clamp(max=0)
+    return _funcol_out(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), group)
+
+
+def test_per_head_masks_in_training_graphs():
+    fn = functools.partial(_alibi_attention, group=ranks.group(P))
+    result = assert_equivalent(fn, _inputs(), world_size=P, chunks=(2, 1), dim_names=BSHD)
+    assert {g.phase for g in result.graphs if any(s.rewritten for s in g.sites)} == {"forward", "backward"}

@@ -59,6 +59,18 @@ def _rewritten(fn, *, exact: bool = True) -> list:
     return result.sites
 
 
+def _rewritten_dynamo(fn) -> list:
+    """Like `_rewritten`, on a Dynamo graph (masks built from constants need no fake inputs)."""
+    gm = trace(fn, _inputs(), "dynamo")
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert result.sites and all(s.rewritten for s in result.sites), result
+    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
+    want, got = ranks.run_on_ranks(gm, inputs, P), ranks.run_on_ranks(result.graph_module, inputs, P)
+    for w, o in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
+        assert torch.equal(w, o)
+    return result.sites
+
+
 def test_plain_attention_without_collectives_is_a_skip():
     _skipped(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "no per-head input arrives from an all-to-all")
 
@@ -83,15 +95,44 @@ def test_cross_attention_without_any_all_to_all_is_left_alone():
     _skipped(fn, "no per-head input arrives from an all-to-all")
 
 
-def test_mask_is_not_chunked_yet():
+def _masked(mask_of):
     g = ranks.group(P)
-    mask = torch.ones(P * S_LOCAL, P * S_LOCAL, dtype=torch.bool).tril()
 
     def fn(q, k, v):
         q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
-        return _gather_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), g)
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask_of(q)), g)
 
-    _skipped(fn, "attn_mask is set", tracer="dynamo")
+    return fn
+
+
+def _causal(q):
+    return torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
+
+
+def _distance(q):
+    pos = torch.arange(q.shape[2], dtype=q.dtype)
+    return -(pos.view(1, 1, -1, 1) - pos.view(1, 1, 1, -1)).abs() / q.shape[2]
+
+
+def test_broadcast_masks_go_to_every_chunk():
+    for mask_of in (_causal, _distance):  # boolean [S, S] and additive [1, 1, S, S]
+        sites = _rewritten_dynamo(_masked(mask_of))
+        assert sites[0].local_heads == H // P
+
+
+def test_per_head_bias_is_sliced_per_chunk():
+    # a bias per local head (ALiBi-like), computed on each rank for its own heads
+    def bias(q):
+        slopes = torch.arange(1, q.shape[1] + 1, dtype=q.dtype).view(1, -1, 1, 1)
+        pos = torch.arange(q.shape[2], dtype=q.dtype)
+        return slopes * (pos.view(1, 1, -1, 1) - pos.view(1, 1, 1, -1))
+
+    _rewritten_dynamo(_masked(bias))
+
+
+def test_mask_computed_from_the_exchanged_queries_is_a_skip():
+    _skipped(_masked(lambda q: q.sum(-1, keepdim=True) > 0), "attn_mask is computed from the exchanged inputs",
+             tracer="dynamo")
 
 
 def test_dropout_would_change_random_streams():
@@ -317,3 +358,37 @@ def test_back_to_back_blocks_where_the_second_starts_at_the_first_reassembly():
         return block(block(q.transpose(1, 2)))
 
     assert len(_rewritten(fn, exact=False)) == 2
+
+
+def test_heads_padded_to_a_multiple_of_the_world_size():
+    # "Ulysses anything": 6 heads on 4 ranks, padded to 8 with zero heads and trimmed after
+    g = ranks.group(4)
+
+    def fn(q, k, v):
+        pad = [torch.zeros(*t.shape[:2], 2, t.shape[3]) for t in (q, k, v)]
+        q, k, v = (torch.cat([t, z], dim=2) for t, z in zip((q, k, v), pad, strict=True))
+        return attn_funcol(q, k, v, g)[:, :, :6]
+
+    gm = trace(fn, [torch.randn(1, 16, 6, 8) for _ in range(3)], "dynamo")
+    result = hcms_compile.rewrite(gm, chunks=2, exact=False)
+    assert result.sites[0].rewritten and result.sites[0].local_heads == 2
+    inputs = [ranks.shard(torch.randn(1, 64, 6, 8), 1, 4) for _ in range(3)]
+    want, got = ranks.run_on_ranks(gm, inputs, 4), ranks.run_on_ranks(result.graph_module, inputs, 4)
+    for w, o in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
+        assert torch.equal(w, o)
+
+
+def test_keys_gathered_by_a_second_collective_usp_style():
+    # USP shape: after the Ulysses exchange, k and v go through another collective (an all-gather
+    # standing in for the ring) before attention. q and the output still pipeline by chunks; k and v
+    # are computed whole and each chunk takes its heads' slice of them (the same group stands in
+    # for the ring group so that LocalTensorMode can run it).
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        k, v = (funcol.all_gather_tensor(t.contiguous(), 2, g) for t in (k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    (site,) = _rewritten(fn)
+    assert site.exchanges == 1  # q's; k and v are local inputs
