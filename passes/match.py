@@ -67,6 +67,10 @@ from .ops import (
     unbind_item,
 )
 
+# parameters and outputs indexed by KV head: fewer of them under grouped-query attention
+KV = ("key", "value")
+KV_GRADIENTS = (1, 2)  # dk, dv of the backward ops
+
 
 class NoMatch(Exception):
     """The reason a candidate is not a site."""
@@ -120,12 +124,18 @@ class Site:
     world_size: int
     local_heads: int
     heads: dict[str, Node]  # every per-head parameter -> its node
+    kv_group: int  # query heads per KV head (1 unless grouped-query attention)
     atoms: AtomSpace
     layouts: dict[Node, Layout] = field(repr=False)
 
     @property
     def kernel(self) -> str:
         return self.op.kernel
+
+    def divisor(self, name: str | None = None, output: int | None = None) -> int:
+        """How many query heads share one head of this parameter (or output): 1, or the GQA group."""
+        kv = name in KV if name is not None else (self.op.backward and output in KV_GRADIENTS)
+        return self.kv_group if kv else 1
 
     def is_stale(self) -> bool:
         """Whether rewriting an earlier site erased a node this record refers to (its root, say)."""
@@ -221,6 +231,7 @@ class _Matcher:
         self.layouts: dict[Node, Layout] = {}
         self.world_size: int | None = None
         self.local_heads: int | None = None
+        self.kv_group = 1
         self._heads_out: Atom = -1
 
     def run(self) -> Site | Skip:
@@ -237,8 +248,6 @@ class _Matcher:
         dropout = args.get("dropout_p", 0.0)
         if not isinstance(dropout, (int, float)) or dropout != 0.0:
             raise NoMatch(f"dropout_p={dropout}: per-chunk random streams would change the bits")
-        if args.get("enable_gqa"):
-            raise NoMatch("enable_gqa=True: grouped-query attention is not chunked yet")
 
     def _head_inputs(self, args: dict[str, Any]) -> dict[str, Node]:
         heads = {name: args.get(name) for name in self.op.head_params}
@@ -246,12 +255,21 @@ class _Matcher:
             if not isinstance(node, Node):
                 raise NoMatch(f"{name} is not a tensor in the graph")
         counts = {name: shape_of(node)[self.op.head_params[name]] for name, node in heads.items()}
-        if len(set(counts.values())) != 1:
-            raise NoMatch(f"per-head inputs disagree on the head count {counts}: GQA is not chunked yet")
-        lead = {name: shape_of(n)[:-2] for name, n in heads.items() if self.op.head_params[name] == -3}
+        q_heads = counts["query"]
+        kv = {name: n for name, n in counts.items() if name in KV}
+        if any(n != q_heads for n in kv.values()):
+            # grouped-query attention: each KV head serves `kv_group` consecutive query heads
+            if not args.get("enable_gqa") or len(set(kv.values())) != 1 or q_heads % next(iter(kv.values())):
+                raise NoMatch(f"per-head inputs disagree on the head count {counts} and this is not "
+                              "grouped-query attention with enable_gqa=True")
+            self.kv_group = q_heads // next(iter(kv.values()))
+        others = {name: n for name, n in counts.items() if name not in KV and n != q_heads}
+        if others:
+            raise NoMatch(f"per-head inputs disagree on the head count {counts}")
+        lead = {name: shape_of(n)[:-3] for name, n in heads.items() if self.op.head_params[name] == -3}
         if len(set(lead.values())) != 1:
-            raise NoMatch(f"batch and head dims differ {lead}: broadcast is not chunked yet")
-        self.local_heads = next(iter(counts.values()))
+            raise NoMatch(f"batch dims differ {lead}: broadcast is not chunked yet")
+        self.local_heads = q_heads
         self._add_mask(args, heads)
         return heads
 
@@ -302,10 +320,13 @@ class _Matcher:
         self._check_no_mutation(exchanges)
         self._check_locals_independent(exchanges, {name: heads[name] for name in local})
         escapes = self._input_escapes(exchanges, heads)
-        outputs, out_escapes, shared = self._outputs(exchanges[0], heads, group, world)
+        reference = next((ex for ex in exchanges if set(ex.feeds) - set(KV)), None)
+        if reference is None:
+            raise NoMatch("only keys and values arrive by all-to-all; the query heads are not exchanged")
+        outputs, out_escapes, shared = self._outputs(reference, heads, group, world)
         return Site(self.index, self.attention, self.op, tuple(exchanges), outputs, local,
-                    escapes + out_escapes, shared, group, world, self.local_heads, heads, self.atoms,
-                    self.layouts)
+                    escapes + out_escapes, shared, group, world, self.local_heads, heads, self.kv_group,
+                    self.atoms, self.layouts)
 
     def _check_no_mutation(self, exchanges: list[InputExchange]) -> None:
         """The chunks read the send paths later than the original exchanges did (just before the
@@ -413,6 +434,8 @@ class _Matcher:
             raise NoMatch(f"{a2a.name} has {len(a2a.users)} users; expected one wait")
         if any(self.op.head_params[name] != -3 for name in feeds):
             raise NoMatch(f"{', '.join(feeds)} arrive from {a2a.name}, but only [.., H, S, D] inputs may")
+        if self.kv_group > 1 and len({name in KV for name in feeds}) > 1:
+            raise NoMatch(f"{', '.join(feeds)} share {a2a.name} but have different head counts (GQA)")
         send = exchange_args(a2a)
         _check_equal_splits(send, shape_of(send.input), world)
         path = self._send_path(send.input)
@@ -453,7 +476,7 @@ class _Matcher:
 
     def _head_atom(self, node: Node, name: str, dest: tuple[Atom, ...]) -> Atom:
         group = self.atoms.expand(self.layouts[node][-3])
-        if self.local_heads == 1:
+        if self.local_heads // (self.kv_group if name in KV else 1) == 1:
             return -1  # nothing to chunk; the plan step reports it
         if len(group) != 1:
             raise NoMatch(f"{name}'s head axis mixes {len(group)} factors; cannot tell heads apart")

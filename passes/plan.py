@@ -85,7 +85,18 @@ def chunk_sizes(local_heads: int, chunks: ChunkSpec) -> tuple[int, ...] | str:
 
 def plan_site(site: Site, chunks: ChunkSpec, exact: bool = True) -> ChunkPlan | str:
     """The plan for one site, or why it keeps its original form."""
-    sizes = chunk_sizes(site.local_heads, chunks)
+    group = site.kv_group
+    if group > 1:
+        # grouped-query attention: a chunk holds whole groups of `group` query heads and their KV head
+        if not isinstance(chunks, int) and any(size % group for size in chunks):
+            return f"chunk sizes {tuple(chunks)} split a group of {group} query heads sharing one KV head"
+        units = chunk_sizes(site.local_heads // group, chunks if isinstance(chunks, int)
+                            else tuple(size // group for size in chunks))
+        if isinstance(units, str):
+            return f"{units} (in KV heads: grouped-query attention, {group} query heads each)"
+        sizes = tuple(unit * group for unit in units)
+    else:
+        sizes = chunk_sizes(site.local_heads, chunks)
     if isinstance(sizes, str):
         return sizes
     query, key = (value_of(site.heads[name]) for name in ("query", "key"))

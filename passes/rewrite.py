@@ -109,11 +109,16 @@ class _SiteWriter:
     # -- steps 1 to 3 for one chunk ------------------------------------------------------------
     def chunk(self, c: int, start: int, size: int) -> ChunkStages:
         site, stages = self.site, ChunkStages()
-        override = {ex.head: size for ex in site.inputs} | {out.head: size for out in site.outputs}
+        # under grouped-query attention a chunk of query heads takes its KV heads: fewer, by the group
+        in_div = {ex: site.divisor(ex.feeds[0]) for ex in site.inputs}
+        out_div = {out: site.divisor(output=out.index) for out in site.outputs}
+        override = {ex.head: size // in_div[ex] for ex in site.inputs}
+        override |= {out.head: size // out_div[out] for out in site.outputs}
         mapping: dict[Node, Node] = {}
         for ex in site.inputs:
             mark = self.mark()
-            send = self.contiguous(self.send(ex, start, size, override))
+            div = in_div[ex]
+            send = self.contiguous(self.send(ex, start // div, size // div, override))
             stages.send += self.tag(mark, c, "send_layout")
             mark = self.mark()
             a2a = self.exchange(send, ex.all_to_all, override, ex.send_layouts[ex.send_path[-1]])
@@ -126,8 +131,8 @@ class _SiteWriter:
             stages.receive += self.tag(mark, c, "receive_layout")
         mark = self.mark()
         for name, axis in site.locals.items():
-            node = site.heads[name]
-            mapping[node] = self.emit.narrow(node, axis % len(shape_of(node)), start, size)
+            node, div = site.heads[name], site.divisor(name)
+            mapping[node] = self.emit.narrow(node, axis % len(shape_of(node)), start // div, size // div)
         stages.receive += self.tag(mark, c, "local_slice")
 
         mark = self.mark()

@@ -31,8 +31,8 @@ def _gather_heads(o, group):
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h, d)
 
 
-def _inputs():
-    return [torch.randn(B, S_LOCAL, H, D) for _ in range(3)]
+def _inputs(heads: int = H):
+    return [torch.randn(B, S_LOCAL, heads, D) for _ in range(3)]
 
 
 def _skipped(fn, reason: str, n_sites: int = 1, tracer: str = "make_fx"):
@@ -59,12 +59,12 @@ def _rewritten(fn, *, exact: bool = True) -> list:
     return result.sites
 
 
-def _rewritten_dynamo(fn) -> list:
+def _rewritten_dynamo(fn, heads: int = H) -> list:
     """Like `_rewritten`, on a Dynamo graph (masks built from constants need no fake inputs)."""
-    gm = trace(fn, _inputs(), "dynamo")
+    gm = trace(fn, _inputs(heads), "dynamo")
     result = hcms_compile.rewrite(gm, chunks=2)
     assert result.sites and all(s.rewritten for s in result.sites), result
-    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
+    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, heads, D), 1, P) for _ in range(3)]
     want, got = ranks.run_on_ranks(gm, inputs, P), ranks.run_on_ranks(result.graph_module, inputs, P)
     for w, o in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
         assert torch.equal(w, o)
@@ -219,18 +219,26 @@ def test_uneven_split_sizes():
     _skipped(fn, "uneven all-to-all split sizes")
 
 
-def test_grouped_query_attention_is_not_chunked_yet():
+def _gqa(kv_heads: int):
     g = ranks.group(P)
 
     def fn(q, k, v):
         q = _scatter_heads(q, g)
-        k, v = (_scatter_heads(t[:, :, : H // 2], g) for t in (k, v))
+        k, v = (_scatter_heads(t[:, :, :kv_heads], g) for t in (k, v))
         return _gather_heads(F.scaled_dot_product_attention(q, k, v, enable_gqa=True), g)
 
-    gm = trace(fn, _inputs(), "dynamo")
-    result = hcms_compile.rewrite(gm, chunks=2)
-    assert result.sites[0].status == "skipped" and "grouped-query" in result.sites[0].reason
-    assert result.graph_module.code == gm.code
+    return fn
+
+
+def test_grouped_query_attention_keeps_each_group_with_its_kv_head():
+    gm = trace(_gqa(2), _inputs(), "dynamo")  # 4 query heads, 2 KV heads: 2 and 1 per rank
+    assert "split a group of 2" in hcms_compile.rewrite(gm, chunks=(1, 1)).sites[0].reason
+    assert "in KV heads" in hcms_compile.rewrite(gm, chunks=2).sites[0].reason  # one KV head per rank
+
+
+def test_grouped_query_attention_is_chunked_by_kv_heads():
+    sites = _rewritten_dynamo(_gqa(4), heads=8)  # 8 query and 4 KV heads over 2 ranks: 4 and 2 each
+    assert sites[0].chunk_sizes == (2, 2) and sites[0].local_heads == 4
 
 
 def test_decomposed_attention_is_reported_as_no_site():
