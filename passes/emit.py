@@ -92,9 +92,6 @@ class Emitter:
             raise EmitError(f"{node.name} has no fake value")
         return self._fake(val)
 
-    def value(self, node: Node) -> Any:
-        return self._value(node)
-
     def _annotate(self, node: Node) -> Node:
         args = map_arg(node.args, self._value)
         kwargs = map_arg(node.kwargs, self._value)
