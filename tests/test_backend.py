@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -14,27 +13,10 @@ from hypothesis import strategies as st
 import hcms_compile
 from hcms_compile.backend import HcmsGraphPass, HcmsOptions, options_from_env
 from hcms_compile.models import UlyssesConfig, UlyssesTransformer
-from hcms_compile.testing import ranks
-from hcms_compile.testing.compiled import compile_graphs, run_training_step
+from hcms_compile.testing import assert_equivalent, ranks
+from hcms_compile.testing.compiled import compile_graphs
 from hcms_compile.testing.layouts import attn_funcol
 from hcms_compile.testing.strategies import ulysses_cases
-
-
-def _plain(chunks):
-    os.environ["HCMS_DISABLE"] = "1"
-    try:
-        return hcms_compile.make_backend(chunks=chunks, inner="aot_eager")
-    finally:
-        del os.environ["HCMS_DISABLE"]
-
-
-def _compile_plain(fn, inputs, chunks):
-    backend = hcms_compile.make_backend(chunks=chunks, inner="aot_eager")
-    os.environ["HCMS_DISABLE"] = "1"
-    try:
-        return compile_graphs(fn, inputs, backend)
-    finally:
-        del os.environ["HCMS_DISABLE"]
 
 
 @settings(max_examples=12)
@@ -43,12 +25,12 @@ def test_training_outputs_and_gradients_match_the_same_compiler_without_hcms(cas
     from dataclasses import replace
 
     case = replace(case, world_size=world, tokens_per_rank=max(case.tokens_per_rank, 4))
-    fn = case.function()
-    hcms = compile_graphs(fn, case.example_inputs(), hcms_compile.make_backend(chunks=case.chunks, inner="aot_eager"))
-    plain = _compile_plain(fn, case.example_inputs(), case.chunks)
-    assert not plain.forward.sites or all(not s.rewritten for s in plain.forward.sites)
-    (fw_site,) = hcms.forward.sites
-    bw_site = next(s for s in hcms.backward.sites if s.attention.endswith("_backward"))
+    # bitwise outputs and input gradients on every rank, against aot_eager without HCMS
+    result = assert_equivalent(case.function(), case.sharded_inputs(0), world_size=case.world_size,
+                               chunks=case.chunks, require_rewrite=False)
+    forward, backward = result.graphs
+    (fw_site,) = forward.sites
+    bw_site = next(s for s in backward.sites if s.attention.endswith("_backward"))
     event(f"forward {fw_site.status}, backward {bw_site.status}")
     assert fw_site.rewritten or fw_site.reason.startswith("chunking may change bits"), fw_site.reason
     if case.layout == "fused_qkv":
@@ -56,15 +38,7 @@ def test_training_outputs_and_gradients_match_the_same_compiler_without_hcms(cas
         assert "no attention output reaches an all-to-all" in bw_site.reason
     else:
         assert bw_site.rewritten or bw_site.reason.startswith("chunking may change bits"), bw_site.reason
-    gen = torch.Generator().manual_seed(1)
-    cotangent = ranks.shard(torch.randn(case.global_shape(), generator=gen).to(case.dtype), case.spec.seq_dim,
-                            case.world_size)
-    inputs = case.sharded_inputs(0)
-    outs_h, grads_h = run_training_step(hcms, inputs, [cotangent], case.world_size)
-    outs_p, grads_p = run_training_step(plain, inputs, [cotangent], case.world_size)
-    for rank in range(case.world_size):
-        for want, got in zip([*outs_p[rank], *grads_p[rank]], [*outs_h[rank], *grads_h[rank]], strict=True):
-            assert torch.equal(want, got), f"rank {rank} differs; {case}"
+    assert result.compared == case.world_size * 4  # one output and three input gradients per rank
 
 
 def test_backend_reports_forward_and_backward_sites():

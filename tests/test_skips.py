@@ -45,29 +45,17 @@ def _skipped(fn, reason: str, n_sites: int = 1, tracer: str = "make_fx"):
     return result
 
 
-def _rewritten(fn, *, exact: bool = True) -> list:
+def _rewritten(fn, *, exact: bool = True, tracer: str = "make_fx", heads: int = H) -> list:
     """Rewrite `fn`'s graph, check every site was rewritten, and return the reports after
     checking the outputs on every rank (bitwise, or close where `exact=False` allowed a chunking
-    the kernel may round differently)."""
-    gm = trace(fn, _inputs())
+    the kernel may round differently). Dynamo graphs suit masks built from constants."""
+    gm = trace(fn, _inputs(heads), tracer)
     result = hcms_compile.rewrite(gm, chunks=2, exact=exact)
-    assert result.sites and all(s.rewritten for s in result.sites), result
-    inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
-    want, got = ranks.run_on_ranks(gm, inputs, P), ranks.run_on_ranks(result.graph_module, inputs, P)
-    for w, o in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
-        assert torch.equal(w, o) if exact else torch.allclose(w, o, atol=1e-5)
-    return result.sites
-
-
-def _rewritten_dynamo(fn, heads: int = H) -> list:
-    """Like `_rewritten`, on a Dynamo graph (masks built from constants need no fake inputs)."""
-    gm = trace(fn, _inputs(heads), "dynamo")
-    result = hcms_compile.rewrite(gm, chunks=2)
     assert result.sites and all(s.rewritten for s in result.sites), result
     inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, heads, D), 1, P) for _ in range(3)]
     want, got = ranks.run_on_ranks(gm, inputs, P), ranks.run_on_ranks(result.graph_module, inputs, P)
     for w, o in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
-        assert torch.equal(w, o)
+        assert torch.equal(w, o) if exact else torch.allclose(w, o, atol=1e-5)
     return result.sites
 
 
@@ -116,7 +104,7 @@ def _distance(q):
 
 def test_broadcast_masks_go_to_every_chunk():
     for mask_of in (_causal, _distance):  # boolean [S, S] and additive [1, 1, S, S]
-        sites = _rewritten_dynamo(_masked(mask_of))
+        sites = _rewritten(_masked(mask_of), tracer="dynamo")
         assert sites[0].local_heads == H // P
 
 
@@ -127,7 +115,7 @@ def test_per_head_bias_is_sliced_per_chunk():
         pos = torch.arange(q.shape[2], dtype=q.dtype)
         return slopes * (pos.view(1, 1, -1, 1) - pos.view(1, 1, 1, -1))
 
-    _rewritten_dynamo(_masked(bias))
+    _rewritten(_masked(bias), tracer="dynamo")
 
 
 def test_mask_computed_from_the_exchanged_queries_is_a_skip():
@@ -237,7 +225,7 @@ def test_grouped_query_attention_keeps_each_group_with_its_kv_head():
 
 
 def test_grouped_query_attention_is_chunked_by_kv_heads():
-    sites = _rewritten_dynamo(_gqa(4), heads=8)  # 8 query and 4 KV heads over 2 ranks: 4 and 2 each
+    sites = _rewritten(_gqa(4), tracer="dynamo", heads=8)  # 8 query and 4 KV heads over 2 ranks: 4 and 2 each
     assert sites[0].chunk_sizes == (2, 2) and sites[0].local_heads == 4
 
 

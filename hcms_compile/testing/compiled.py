@@ -7,7 +7,9 @@ the backward graph on the saved tensors and the cotangents, exactly as AOTAutogr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,20 @@ def compile_graphs(fn: Callable[..., Any], example_inputs: Sequence[torch.Tensor
     forward = next(r for r in reports if r.phase in ("forward", "inference"))
     backward = next((r for r in reports if r.phase == "backward"), None)
     return CompiledGraphs(forward, backward)
+
+
+@contextlib.contextmanager
+def hcms_disabled() -> Iterator[None]:
+    """`HCMS_DISABLE=1` for the duration: the same backend then compiles without the pass."""
+    previous = os.environ.get("HCMS_DISABLE")
+    os.environ["HCMS_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HCMS_DISABLE"]
+        else:
+            os.environ["HCMS_DISABLE"] = previous
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:

@@ -15,7 +15,6 @@ rank, the tensor, the position (with your dimension names) and both values.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,7 @@ from ..backend import GraphReport, make_backend
 from ..passes import ChunkSpec
 from ..report import SiteReport
 from . import ranks
-from .compiled import compile_graphs, run_training_step
+from .compiled import compile_graphs, hcms_disabled, run_training_step
 
 
 @dataclass
@@ -97,15 +96,8 @@ def assert_equivalent(fn: Callable[..., Any], inputs: Sequence[Any], *, world_si
     examples = [_rank0(x) for x in flat_inputs]
 
     hcms = compile_graphs(call, examples, make_backend(chunks=chunks, inner="aot_eager", exact=exact))
-    previous = os.environ.get("HCMS_DISABLE")
-    os.environ["HCMS_DISABLE"] = "1"
-    try:
+    with hcms_disabled():
         plain = compile_graphs(call, examples, make_backend(chunks=chunks, inner="aot_eager"))
-    finally:
-        if previous is None:
-            del os.environ["HCMS_DISABLE"]
-        else:
-            os.environ["HCMS_DISABLE"] = previous
     result = Equivalence([hcms.forward, hcms.backward])
     if require_rewrite and not result.rewritten:
         reasons = "; ".join(f"{s.attention}: {s.reason}" for s in result.sites) or "no attention op found"
