@@ -44,8 +44,6 @@ class LayoutOp:
     kind: str
     source: Node
     dims: tuple[int, ...] = ()
-    # regroup ops whose shape argument must be rewritten when a chunk changes the sizes
-    reshape_target: str | None = None
 
 
 def target_name(node: Node) -> str:
@@ -122,7 +120,7 @@ def _layout_op(node: Node) -> LayoutOp | None:
     rest = list(node.args[1:])
     try:
         if name in _REGROUP:
-            return LayoutOp(REGROUP, source, reshape_target=name)
+            return LayoutOp(REGROUP, source)
         if name in _IDENTITY:
             fmt = node.kwargs.get("memory_format", torch.contiguous_format)
             if fmt not in (torch.contiguous_format, torch.preserve_format):
