@@ -36,6 +36,7 @@ Every failed proof is a `Skip` with a reason; a skipped site is never touched.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,13 +188,14 @@ def world_size_of(group: Any) -> int:
 
 def match_sites(graph: Graph) -> list[Site | Skip]:
     found: list[Site | Skip] = []
+    order = _position(graph)  # one graph order for every candidate: the graph does not change here
     for node in graph.nodes:
         op = attention_op(node)
         if op is None:
             continue
         index = len(found)
         try:
-            found.append(_Matcher(node, op, index).run())
+            found.append(_Matcher(node, op, index, order).run())
         except NoMatch as err:
             found.append(Skip(index, node, op.kernel, str(err)))
     return _drop_shared_exchanges(found)
@@ -202,7 +204,7 @@ def match_sites(graph: Graph) -> list[Site | Skip]:
 def match_again(site: Site) -> Site | Skip:
     """Match one attention op again, after earlier rewrites changed the graph around it."""
     try:
-        return _Matcher(site.attention, site.op, site.index).run()
+        return _Matcher(site.attention, site.op, site.index, _position(site.attention.graph)).run()
     except NoMatch as err:
         return Skip(site.index, site.attention, site.op.kernel, str(err))
 
@@ -223,8 +225,9 @@ def _drop_shared_exchanges(found: list[Site | Skip]) -> list[Site | Skip]:
 
 
 class _Matcher:
-    def __init__(self, attention: Node, op: AttentionOp, index: int) -> None:
+    def __init__(self, attention: Node, op: AttentionOp, index: int, order: Callable[[Node], int]) -> None:
         self.attention = attention
+        self.order = order
         self.op = op
         self.index = index
         self.atoms = AtomSpace()
@@ -331,7 +334,7 @@ class _Matcher:
     def _check_no_mutation(self, exchanges: list[InputExchange]) -> None:
         """The chunks read the send paths later than the original exchanges did (just before the
         attention); an in-place write to that storage in between would change what they read."""
-        order = _position(self.attention.graph)
+        order = self.order
         storages = {storage_root(n) for ex in exchanges for n in ex.send_path}
         fills = {ex.fill for ex in exchanges}
         node = min((ex.send_path[0] for ex in exchanges), key=order)
@@ -343,7 +346,7 @@ class _Matcher:
 
     def _check_locals_independent(self, exchanges: list[InputExchange], local: dict[str, Node]) -> None:
         """A local input computed from an exchanged one cannot be sliced before the chunks exist."""
-        order = _position(self.attention.graph)
+        order = self.order
         floor = min(order(ex.all_to_all) for ex in exchanges)
         site_nodes = {n for ex in exchanges for n in (ex.all_to_all, ex.wait, *ex.receive)}
         for name, node in local.items():
@@ -446,7 +449,7 @@ class _Matcher:
         send_layouts = {node: self.layouts[node] for node in path}
         received, dest, src = self.atoms.exchange(self.layouts[send.input], world)
         self.layouts[a2a] = self.layouts[wait] = received
-        receive = tuple(sorted(nodes, key=_position(a2a.graph)))
+        receive = tuple(sorted(nodes, key=self.order))
         fills = {inplace_fill(n) for n in receive} - {None}
         if len(fills) > 1 or (fills and next(iter(fills)).args[1] is not wait):
             raise NoMatch(f"{a2a.name}'s result is copied into more than one buffer")
@@ -645,6 +648,6 @@ def _check_equal_splits(args: Any, shape: tuple[int, ...], world: int) -> None:
             raise NoMatch(f"uneven all-to-all split sizes {list(splits)} are not chunked yet")
 
 
-def _position(graph: torch.fx.Graph):
+def _position(graph: torch.fx.Graph) -> Callable[[Node], int]:
     order = {node: i for i, node in enumerate(graph.nodes)}
     return order.__getitem__
