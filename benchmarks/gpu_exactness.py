@@ -1,21 +1,26 @@
 """Measure which CUDA attention kernels keep their bits when the heads are split into chunks.
 
 For each (kernel, dtype, causal, shape class) it compares SDPA over all heads with SDPA over head
-chunks concatenated, forward and backward, with `torch.equal`. It also runs the full problem twice,
-to see whether the kernel is deterministic run to run, and repeats the backward with
-`torch.use_deterministic_algorithms(True)`. It prints a table and writes JSON:
+chunks concatenated, forward and backward, with `torch.equal`. It also runs the full problem
+several times, to see whether the kernel is deterministic run to run and by how much it varies,
+and repeats the backward with `torch.use_deterministic_algorithms(True)`. It writes JSON:
 
     python benchmarks/gpu_exactness.py --out /tmp/exactness.json
+
+`--flash-rule N` instead draws N random shapes and checks the pass's own verdict
+(`hcms_compile.passes.exactness.judge`) against what flash, memory-efficient and cuDNN forward do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hcms_compile.passes.exactness import judge
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -58,6 +63,13 @@ def _equal(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def _max_diff(a, b) -> float:
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+RERUNS = 5
+
+
 def measure(kernel: str, dtype: torch.dtype, causal: bool, shape: tuple) -> dict | None:
     name, b, h, s, d, sizes = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -67,7 +79,8 @@ def measure(kernel: str, dtype: torch.dtype, causal: bool, shape: tuple) -> dict
     try:
         torch.use_deterministic_algorithms(False)
         out, grads = _grads(kernel, q, k, v, g, causal)
-        out2, grads2 = _grads(kernel, q, k, v, g, causal)
+        reruns = [_grads(kernel, q, k, v, g, causal) for _ in range(RERUNS - 1)]
+        out2, grads2 = reruns[0]
         c_out, c_grads = _chunked(kernel, q, k, v, g, causal, sizes)
         torch.use_deterministic_algorithms(True, warn_only=True)
         d_out, d_grads = _grads(kernel, q, k, v, g, causal)
@@ -84,14 +97,57 @@ def measure(kernel: str, dtype: torch.dtype, causal: bool, shape: tuple) -> dict
         "bwd_run_to_run": _equal(grads, grads2),
         "bwd_chunked_bitwise_deterministic_mode": _equal(d_grads, dc_grads),
         "fwd_max_diff": float((out.float() - c_out.float()).abs().max()),
-        "bwd_max_diff": max(float((a.float() - c.float()).abs().max()) for a, c in zip(grads, c_grads, strict=True)),
+        "bwd_max_diff": _max_diff(grads, c_grads),
+        # the largest difference between the first run and any of the reruns: the kernel's own variation
+        "bwd_run_to_run_max_diff": max(_max_diff(grads, r[1]) for r in reruns),
+        "fwd_run_to_run_max_diff": max(_max_diff([out], [r[0]]) for r in reruns),
     }
+
+
+def check_rule(samples: int, seed: int) -> dict:
+    """Random shapes: does `judge` predict which forward chunkings are bitwise?"""
+    rng = random.Random(seed)
+    counts: dict[str, dict[str, int]] = {}
+    for _ in range(samples):
+        b, h = rng.choice([1, 1, 2, 4]), rng.randint(2, 48)
+        s, d = rng.choice([rng.randint(64, 4096), rng.randint(4096, 20000)]), rng.choice([64, 128])
+        cuts = sorted(rng.sample(range(1, h), rng.randint(1, min(3, h - 1))))
+        sizes = tuple(y - x for x, y in zip([0, *cuts], [*cuts, h], strict=True))
+        causal = rng.random() < 0.5
+        gen = torch.Generator(device="cuda").manual_seed(rng.randrange(2**31))
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+                   for _ in range(3))
+        for kernel in ("flash", "efficient", "cudnn"):
+            with torch.no_grad():
+                whole = _attend(kernel, q, k, v, causal)
+                parts, start = [], 0
+                for size in sizes:
+                    parts.append(_attend(kernel, q[:, start:start + size], k[:, start:start + size],
+                                         v[:, start:start + size], causal))
+                    start += size
+            seen = torch.equal(whole, torch.cat(parts, 1))
+            said = judge(kernel, q, k, sizes).bitwise
+            tally = counts.setdefault(kernel, {"predicted bitwise, was": 0, "predicted bitwise, was not": 0,
+                                               "predicted not, was": 0, "predicted not, was not": 0})
+            tally[f"predicted {'bitwise' if said else 'not'}, {'was' if seen else 'was not'}"] += 1
+            if said and not seen:
+                print("WRONG", kernel, dict(b=b, h=h, s=s, d=d, sizes=sizes, causal=causal), flush=True)
+    return counts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("exactness.json"))
+    parser.add_argument("--flash-rule", type=int, default=0, metavar="N",
+                        help="check the pass's forward verdicts on N random shapes instead")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.flash_rule:
+        counts = check_rule(args.flash_rule, args.seed)
+        print(json.dumps(counts, indent=1))
+        args.out.write_text(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(),
+                                        "samples": args.flash_rule, "seed": args.seed, "counts": counts}, indent=1))
+        return
     rows = []
     for kernel in KERNELS:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -10,39 +10,42 @@ import torch.fx
 
 from .passes import ChunkSpec, Site, Skip, match_sites, plan_site, rewrite_site, validate_chunks
 from .passes.emit import EmitError
+from .passes.exactness import exactness_policy
 from .passes.match import match_again
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
 
 log = logging.getLogger("hcms_compile")
 
 
-def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2, exact: bool = True) -> RewriteResult:
+def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2, exact: bool | str = True) -> RewriteResult:
     """Chunk every provable all-to-all -> attention -> all-to-all site of `gm` by local heads.
 
     `chunks` is a chunk count (split evenly, larger chunks first) or local-head counts per chunk.
-    With `exact=True` a site is chunked only where the attention kernel is known to keep its bits
-    (see `hcms_compile.passes.exactness`); `exact=False` chunks anyway and says so in the report.
+    `exact` is the exactness policy (see `hcms_compile.passes.exactness`): with `True` (the default)
+    a site is chunked only where the attention kernel is known to keep its bits; `False` also
+    allows chunkings that stay within the kernel's own run-to-run variation; "rounding" allows any
+    correct chunking. The report says which grade each rewritten site has.
     `gm` is not mutated; the result holds a new GraphModule and one report per attention op.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"rewrite() takes a torch.fx.GraphModule, got {type(gm).__name__}")
-    spec = _check_args(chunks, exact)
+    spec, policy = _check_args(chunks, exact)
     with warnings.catch_warnings():
         # copying export's pytree codegen trips a torch-internal deprecation warning
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
     out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(getattr(gm, "meta", {}))
-    reports = rewrite_graph(out.graph, chunks=spec, exact=exact)
+    reports = rewrite_graph(out.graph, chunks=spec, exact=policy)
     if any(r.rewritten for r in reports):
         out.recompile()
     return RewriteResult(out, reports)
 
 
-def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = 2, exact: bool = True) -> list[SiteReport]:
+def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = 2, exact: bool | str = True) -> list[SiteReport]:
     """`rewrite` in place on a graph: what compiler hooks (Inductor's post-grad passes) call."""
-    spec = _check_args(chunks, exact)
-    reports = [_apply(graph, found, spec, exact) for found in match_sites(graph)]
+    spec, policy = _check_args(chunks, exact)
+    reports = [_apply(graph, found, spec, policy) for found in match_sites(graph)]
     if any(r.rewritten for r in reports):
         graph.lint()
     for report in reports:
@@ -50,21 +53,18 @@ def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = 2, exact: bool =
     return reports
 
 
-def _check_args(chunks: object, exact: object) -> ChunkSpec:
-    spec = validate_chunks(chunks)
-    if not isinstance(exact, bool):
-        raise TypeError(f"exact must be a bool, got {exact!r}")
-    return spec
+def _check_args(chunks: object, exact: object) -> tuple[ChunkSpec, str]:
+    return validate_chunks(chunks), exactness_policy(exact)
 
 
-def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, exact: bool) -> SiteReport:
+def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: str) -> SiteReport:
     base = dict(index=found.index, attention=found.attention.name, kernel=found.kernel,
                 world_size=found.world_size, local_heads=found.local_heads)
     if isinstance(found, Site) and found.is_stale():
         found = match_again(found)  # an earlier site's rewrite replaced a node this one starts from
     if not isinstance(found, Site):
         return SiteReport(status=SKIPPED, reason=found.reason, **base)
-    plan = plan_site(found, spec, exact)
+    plan = plan_site(found, spec, policy)
     if isinstance(plan, str):
         return SiteReport(status=SKIPPED, reason=plan, exchanges=len(found.inputs), **base)
     try:
@@ -76,4 +76,5 @@ def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, exact: bo
         return SiteReport(status=SKIPPED, reason=f"internal error, please report: {type(err).__name__}: {err}",
                           **base)
     return SiteReport(status=REWRITTEN, chunk_sizes=plan.chunk_sizes, exchanges=len(found.inputs),
-                      bitwise=plan.exactness.bitwise, exactness=plan.exactness.why, **base)
+                      bitwise=plan.exactness.bitwise, grade=plan.exactness.grade,
+                      exactness=plan.exactness.why, **base)

@@ -26,6 +26,7 @@ import torch.fx
 from . import passes as passes_pkg
 from .api import rewrite_graph
 from .passes import ChunkSpec, validate_chunks
+from .passes.exactness import BITWISE, exactness_policy
 from .passes.schedule import pin_pipeline
 from .report import SiteReport, render_sites
 
@@ -37,7 +38,7 @@ INNER = ("inductor", "aot_eager")
 @dataclass(frozen=True)
 class HcmsOptions:
     chunks: ChunkSpec = 2
-    exact: bool = True
+    exact: str = BITWISE  # the exactness policy's name
     enabled: bool = True
 
     def key(self) -> str:
@@ -45,7 +46,7 @@ class HcmsOptions:
         return json.dumps({"chunks": chunks, "exact": self.exact, "enabled": self.enabled}, sort_keys=True)
 
 
-def options_from_env(chunks: ChunkSpec, exact: bool, environ: dict[str, str] | None = None) -> HcmsOptions:
+def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, str] | None = None) -> HcmsOptions:
     env = os.environ if environ is None else environ
     enabled = env.get("HCMS_DISABLE", "").strip() not in ("1", "true", "yes")
     raw = env.get("HCMS_CHUNKS", "").strip()
@@ -55,7 +56,7 @@ def options_from_env(chunks: ChunkSpec, exact: bool, environ: dict[str, str] | N
         except ValueError:
             raise ValueError(f"HCMS_CHUNKS={raw!r}: expected a count like 3 or sizes like 2,1") from None
         chunks = validate_chunks(parts[0] if len(parts) == 1 else tuple(parts))
-    return HcmsOptions(validate_chunks(chunks), exact, enabled)
+    return HcmsOptions(validate_chunks(chunks), exactness_policy(exact), enabled)
 
 
 @dataclass
@@ -126,10 +127,11 @@ def _as_custom_pass(graph_pass: HcmsGraphPass) -> Any:
 class HcmsBackend:
     """A torch.compile backend that applies HCMS to every forward and backward graph."""
 
-    def __init__(self, chunks: ChunkSpec = 2, inner: str = "inductor", exact: bool = True) -> None:
+    def __init__(self, chunks: ChunkSpec = 2, inner: str = "inductor", exact: bool | str = True) -> None:
         if inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, got {inner!r}")
         validate_chunks(chunks)
+        exactness_policy(exact)
         self.chunks, self.inner, self.exact = chunks, inner, exact
         self.reports: list[GraphReport] = []
 
@@ -194,7 +196,7 @@ class HcmsBackend:
         return "\n\n".join(report.table() for report in self.reports)
 
 
-def make_backend(chunks: ChunkSpec = 2, inner: str = "inductor", exact: bool = True) -> HcmsBackend:
+def make_backend(chunks: ChunkSpec = 2, inner: str = "inductor", exact: bool | str = True) -> HcmsBackend:
     """A configured HCMS backend: `torch.compile(model, backend=make_backend(chunks=(2, 1)))`."""
     return HcmsBackend(chunks=chunks, inner=inner, exact=exact)
 

@@ -25,6 +25,7 @@ class SiteReport:
     chunk_sizes: tuple[int, ...] = ()
     exchanges: int = 0  # input all-to-alls per chunk (3 for q, k, v; 1 when fused)
     bitwise: bool | None = None  # for rewritten sites: is the chunked kernel known to keep its bits
+    grade: str = ""  # for rewritten sites: "bitwise", "run-to-run" or "rounding" (passes/exactness.py)
     exactness: str = ""  # what that verdict rests on
 
     @property
@@ -62,6 +63,6 @@ def render_sites(sites: list[SiteReport]) -> str:
 
 
 def _bits(site: SiteReport) -> str:
-    if site.bitwise is None:
+    if not site.grade:
         return "-"
-    return "exact" if site.bitwise else "may differ"
+    return {"bitwise": "exact", "run-to-run": "within run-to-run"}.get(site.grade, "rounding differs")

@@ -1,9 +1,17 @@
-"""Whether chunking a site's heads keeps the attention kernel's bits.
+"""Whether chunking a site's heads keeps the attention kernel's bits, and the policy that decides.
 
 Terms
 - bitwise: every head of the chunked run is computed by the same arithmetic, in the same order, as
   in the unchunked run, so outputs are `torch.equal`.
-- verdict: `Exactness(bitwise, why)`; `why` names the kernel property the verdict rests on.
+- run-to-run: not bitwise, but the kernel is not deterministic from one run to the next on this
+  device (it accumulates with atomics), and the chunked results stayed within the differences
+  measured between two unchunked runs of the same kernel and dtype. Chunking is then as good as
+  running the model again.
+- rounding: the kernel is deterministic, but chunking changes an internal schedule and with it the
+  rounding (a different reduction order). The results are equally accurate, not equal.
+- verdict: `Exactness(grade, why)`; `why` names the kernel property the verdict rests on.
+- policy: the grades a caller accepts. `exact=True` ("bitwise", the default) accepts bitwise only;
+  `exact=False` ("run-to-run") also accepts run-to-run; "rounding" accepts every correct chunking.
 
 Heads are independent in every SDPA kernel, but a kernel's internal choices can depend on the
 number of heads, and then chunking changes the arithmetic:
@@ -18,9 +26,21 @@ number of heads, and then chunking changes the arithmetic:
    item runs outside a parallel region, where the BLAS calls may take another path: measured here,
    chunkings with batch x heads-per-chunk >= 2 were bitwise in 404 of 404 random cases, and the
    others not always.
-2. CUDA kernels: see BACKGROUND.md; forward efficient and cuDNN attention were bitwise in every
-   case measured; flash picks a split-KV schedule from batch x heads x blocks against the SM count.
-   `sdpa` on CUDA picks its kernel at run time, so no verdict is possible before lowering.
+2. CUDA flash forward splits the keys into `num_splits` parts when batch x heads x query blocks
+   (of 64) would not fill most of the SMs, the split count chosen by an occupancy heuristic over
+   twice the SM count (`_flash_splits`). The same head computed with another split count sums in
+   another order, so a chunking is bitwise exactly when every chunk gets the split count of the
+   whole call (checked on the H200 over random shapes: `benchmarks/gpu_exactness.py --flash-rule`).
+3. CUDA memory-efficient and cuDNN forward were bitwise under chunking in every case measured
+   (400 random shapes each, `docs/gpu_flash_rule_h200_torch2.11.json`).
+4. CUDA backward kernels accumulate dK/dV with atomics and were not deterministic run to run in
+   most shape classes (`docs/gpu_exactness_h200_torch2.11.json`, 5 runs each). A kernel's own
+   variation is the largest difference between its reruns over the measured shape classes, per
+   dtype. Chunked gradients stayed within it for cuDNN and memory-efficient in bf16 and fp16, and
+   for flash where the forward's split-KV schedule is kept; memory-efficient fp32 exceeded it
+   (1.27e-7 against 1.19e-7), and flash with a changed schedule by 8x. In deterministic mode the
+   kernels do not vary, so chunking is then a rounding change.
+   `sdpa` on CUDA picks its kernel at run time, so only "rounding" can be promised before lowering.
 """
 
 from __future__ import annotations
@@ -30,11 +50,32 @@ from dataclasses import dataclass
 
 import torch
 
+BITWISE = "bitwise"
+RUN_TO_RUN = "run-to-run"
+ROUNDING = "rounding"
+_POLICIES = {True: BITWISE, False: RUN_TO_RUN, BITWISE: BITWISE, RUN_TO_RUN: RUN_TO_RUN, ROUNDING: ROUNDING}
+_ACCEPTS = {BITWISE: {BITWISE}, RUN_TO_RUN: {BITWISE, RUN_TO_RUN}, ROUNDING: {BITWISE, RUN_TO_RUN, ROUNDING}}
+
 
 @dataclass(frozen=True)
 class Exactness:
-    bitwise: bool
+    grade: str
     why: str
+
+    @property
+    def bitwise(self) -> bool:
+        return self.grade == BITWISE
+
+
+def exactness_policy(exact: object) -> str:
+    """The policy name for `exact` (True, False, "bitwise", "run-to-run" or "rounding")."""
+    if isinstance(exact, (bool, str)) and exact in _POLICIES:
+        return _POLICIES[exact]
+    raise TypeError(f"exact must be True, False, {BITWISE!r}, {RUN_TO_RUN!r} or {ROUNDING!r}, got {exact!r}")
+
+
+def accepts(policy: str, verdict: Exactness) -> bool:
+    return verdict.grade in _ACCEPTS[policy]
 
 
 def _cpu_flash(q: torch.Tensor, k: torch.Tensor, chunk_heads: tuple[int, ...], heads: int) -> Exactness:
@@ -43,38 +84,96 @@ def _cpu_flash(q: torch.Tensor, k: torch.Tensor, chunk_heads: tuple[int, ...], h
     qs, kvs = min(s_q, q_split), min(s_kv, 512)
     scratch = qs * kvs + 2 * qs + qs * d
     if scratch % 16:
-        return Exactness(False, f"CPU flash scratch of {scratch} floats is not 64-byte aligned "
-                                f"(S_q={s_q}, S_kv={s_kv}, D={d}); threads see different alignments")
+        return Exactness(ROUNDING, f"CPU flash scratch of {scratch} floats is not 64-byte aligned "
+                                   f"(S_q={s_q}, S_kv={s_kv}, D={d}); threads see different alignments")
     if q.dtype in (torch.bfloat16, torch.float16) and d % 64 == 0 and s_kv >= 64:
         if min(heads, *chunk_heads) < 4 <= max(heads, *chunk_heads):
-            return Exactness(False, "CPU flash may pack K/V for >= 4 heads only; chunks straddle that")
-    return Exactness(True, "CPU flash: per-head arithmetic does not depend on the head count")
-
-
-_CUDA_BITWISE = {
-    "efficient": "CUDA memory-efficient attention forward: bitwise under head chunking (measured)",
-    "cudnn": "cuDNN attention forward: bitwise under head chunking (measured)",
-}
+            return Exactness(ROUNDING, "CPU flash may pack K/V for >= 4 heads only; chunks straddle that")
+    return Exactness(BITWISE, "CPU flash: per-head arithmetic does not depend on the head count")
 
 
 def _cpu_flash_backward(q: torch.Tensor, chunk_heads: tuple[int, ...]) -> Exactness:
     batch = math.prod(q.shape[:-3])
     if batch * min(chunk_heads) < 2:
-        return Exactness(False, f"CPU flash backward with batch {batch} x {min(chunk_heads)} head(s) in a chunk "
-                                "runs outside a parallel region; its BLAS path may differ")
-    return Exactness(True, "CPU flash backward: every chunk keeps >= 2 (batch, head) work items")
+        return Exactness(ROUNDING, f"CPU flash backward with batch {batch} x {min(chunk_heads)} head(s) in a "
+                                   "chunk runs outside a parallel region; its BLAS path may differ")
+    return Exactness(BITWISE, "CPU flash backward: every chunk keeps >= 2 (batch, head) work items")
+
+
+def _flash_splits(batch_heads_blocks: int, sm_slots: int, kv_blocks: int) -> int:
+    """How many parts CUDA flash forward cuts the keys into: 1 when the (batch, head, query block)
+    items nearly fill the SM slots; otherwise the fewest eligible parts whose wave efficiency is
+    within 85% of the best (a part count is eligible when it changes the blocks per part)."""
+    if batch_heads_blocks >= 0.8 * sm_slots:
+        return 1
+    limit = min(128, sm_slots, kv_blocks)
+
+    def per_part(parts: int) -> int:
+        return -(-kv_blocks // parts)
+
+    eligible = [n for n in range(1, limit + 1) if n == 1 or per_part(n) != per_part(n - 1)]
+
+    def efficiency(parts: int) -> float:
+        waves = batch_heads_blocks * parts / sm_slots
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(n) for n in eligible)
+    return next(n for n in eligible if efficiency(n) >= 0.85 * best)
+
+
+def _cuda_flash(q: torch.Tensor, k: torch.Tensor, chunk_heads: tuple[int, ...], heads: int) -> Exactness:
+    # ATen flash takes [B, H, S, D] at the op boundary; the kernel sees the same B, H, S and D
+    batch, s_q, s_kv, d = math.prod(q.shape[:-3]), q.shape[-2], k.shape[-2], q.shape[-1]
+    if s_q == 1:
+        return Exactness(ROUNDING, "CUDA flash with one query token regroups heads internally")
+    try:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    except (AssertionError, RuntimeError) as err:
+        return Exactness(ROUNDING, f"CUDA flash: the SM count is needed to predict its split-KV choice ({err})")
+    block_n = 256 if d <= 64 else 128 if d <= 128 else 64
+    kv_blocks, q_blocks = -(-s_kv // block_n), -(-s_q // 64)
+
+    def splits(h: int) -> int:
+        return _flash_splits(batch * h * q_blocks, 2 * sms, kv_blocks)
+
+    whole = splits(heads)
+    parts = {size: splits(size) for size in set(chunk_heads)}
+    if any(n != whole for n in parts.values()):
+        return Exactness(ROUNDING, f"CUDA flash splits the keys into {whole} part(s) for {heads} heads but "
+                                   f"{parts} for the chunks ({sms} SMs); the sums run in another order")
+    return Exactness(BITWISE, f"CUDA flash: every chunk keeps the whole call's split-KV schedule ({whole})")
+
+
+def _cuda_backward(kernel: str, q: torch.Tensor, forward: Exactness) -> Exactness:
+    if torch.are_deterministic_algorithms_enabled():
+        return Exactness(ROUNDING, f"CUDA {kernel} backward in deterministic mode: chunking reorders its dK/dV sums")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return Exactness(ROUNDING, f"CUDA {kernel} backward in {q.dtype}: chunked gradients exceeded the kernel's "
+                                   "own run-to-run variation (measured)")
+    if not forward.bitwise:
+        return Exactness(ROUNDING, f"CUDA {kernel} backward: {forward.why}")
+    return Exactness(RUN_TO_RUN, f"CUDA {kernel} backward accumulates with atomics: not deterministic run to run, "
+                                 "and chunked gradients stayed within that variation (measured)")
+
+
+_CUDA_FORWARD_BITWISE = {
+    "efficient": "CUDA memory-efficient attention forward: bitwise under head chunking (measured)",
+    "cudnn": "cuDNN attention forward: bitwise under head chunking (measured)",
+}
 
 
 def judge(kernel: str, q: torch.Tensor, k: torch.Tensor, chunk_heads: tuple[int, ...],
           backward: bool = False) -> Exactness:
     """The verdict for running `kernel` on head chunks of sizes `chunk_heads` instead of all heads."""
     heads = sum(chunk_heads)
-    if q.device.type == "cpu" and kernel in ("flash_cpu", "sdpa"):
+    device = q.device.type
+    if device == "cpu" and kernel in ("flash_cpu", "sdpa"):
         return _cpu_flash_backward(q, chunk_heads) if backward else _cpu_flash(q, k, chunk_heads, heads)
-    if backward:
-        return Exactness(False, f"{kernel} backward on {q.device.type}: bitwise under chunking not established")
-    if q.device.type == "cuda" and kernel in _CUDA_BITWISE:
-        return Exactness(True, _CUDA_BITWISE[kernel])
+    if device == "cuda" and kernel in ("flash", "efficient", "cudnn"):
+        forward = _cuda_flash(q, k, chunk_heads, heads) if kernel == "flash" else Exactness(
+            BITWISE, _CUDA_FORWARD_BITWISE[kernel])
+        return _cuda_backward(kernel, q, forward) if backward else forward
     if kernel == "sdpa":
-        return Exactness(False, f"sdpa on {q.device.type} picks its kernel at run time")
-    return Exactness(False, f"{kernel} on {q.device.type}: bitwise under head chunking not established")
+        return Exactness(ROUNDING, f"sdpa on {device} picks its kernel at run time")
+    return Exactness(ROUNDING, f"{kernel}{' backward' if backward else ''} on {device}: bitwise under head "
+                               "chunking not established")

@@ -9,8 +9,9 @@ Steps:
 1. `validate_chunks` rejects malformed specs before any graph is touched (a clear error).
 2. `chunk_sizes` turns a valid spec into sizes for one site, or a skip reason when the spec does
    not fit that site (more chunks than local heads, explicit sizes that do not sum to them).
-3. `plan_site` asks `exactness.judge` whether the kernel keeps its bits on those chunks; with
-   `exact=True` a chunking that may change bits is a skip, otherwise it is planned and reported.
+3. `plan_site` asks `exactness.judge` how close the chunked kernel stays to the unchunked one
+   (bitwise, within its run-to-run variation, or rounding only); a grade the exactness policy
+   does not accept is a skip, an accepted one is planned and reported.
 The plan depends only on the graph's shapes, the kernel and the spec, so every rank reaches the
 same plan.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .exactness import Exactness, judge
+from .exactness import BITWISE, Exactness, accepts, judge
 from .match import Site, value_of
 
 ChunkSpec = int | Sequence[int]
@@ -83,7 +84,7 @@ def chunk_sizes(local_heads: int, chunks: ChunkSpec) -> tuple[int, ...] | str:
     return sizes
 
 
-def plan_site(site: Site, chunks: ChunkSpec, exact: bool = True) -> ChunkPlan | str:
+def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE) -> ChunkPlan | str:
     """The plan for one site, or why it keeps its original form."""
     group = site.kv_group
     if group > 1:
@@ -101,6 +102,6 @@ def plan_site(site: Site, chunks: ChunkSpec, exact: bool = True) -> ChunkPlan | 
         return sizes
     query, key = (value_of(site.heads[name]) for name in ("query", "key"))
     verdict = judge(site.kernel, query, key, sizes, backward=site.op.backward)
-    if exact and not verdict.bitwise:
-        return f"chunking may change bits ({verdict.why}); pass exact=False to allow it"
+    if not accepts(policy, verdict):
+        return f"chunking may change bits ({verdict.grade}: {verdict.why}); pass exact={verdict.grade!r} to allow it"
     return ChunkPlan(sizes, verdict)

@@ -39,8 +39,8 @@ def test_bad_chunk_specs_are_clear_errors(gm, chunks, error, message):
         hcms_compile.rewrite(gm, chunks=chunks)
 
 
-def test_exact_must_be_a_bool(gm):
-    with pytest.raises(TypeError, match="exact must be a bool"):
+def test_exact_must_name_a_policy(gm):
+    with pytest.raises(TypeError, match="exact must be True, False, 'bitwise', 'run-to-run' or 'rounding'"):
         hcms_compile.rewrite(gm, exact="yes")
 
 
@@ -57,7 +57,7 @@ def test_report_names_the_site_and_renders_a_table(gm):
     (site,) = result.sites
     assert (site.status, site.world_size, site.local_heads, site.chunk_sizes) == ("rewritten", 2, 3, (2, 1))
     assert site.attention == "_scaled_dot_product_flash_attention_for_cpu" and site.kernel == "flash_cpu"
-    assert site.exchanges == 3 and site.bitwise is True and site.reason == ""
+    assert site.exchanges == 3 and site.bitwise is True and site.grade == "bitwise" and site.reason == ""
     table = str(result)
     assert "attention" in table.splitlines()[0] and "rewritten" in table and "2+1" in table
 

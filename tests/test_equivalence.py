@@ -31,8 +31,9 @@ def check_case(case, tracer: str) -> None:
         # the exactness policy refused: the chunking is still correct, but not bit for bit
         assert site.reason.startswith("chunking may change bits"), site.reason
         event("skipped by the exactness policy")
-        loose = hcms_compile.rewrite(gm, chunks=case.chunks, exact=False)
-        assert loose.sites[0].rewritten and loose.sites[0].bitwise is False
+        assert "exact=False" not in site.reason  # CPU flash is deterministic: only rounding can differ
+        loose = hcms_compile.rewrite(gm, chunks=case.chunks, exact="rounding")
+        assert loose.sites[0].rewritten and loose.sites[0].grade == "rounding"
         assert_close_on_ranks(gm, loose.graph_module, case)
         return
     event("rewritten")

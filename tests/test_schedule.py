@@ -13,7 +13,7 @@ from hcms_compile.testing.tracing import trace
 
 def _rewritten(case, tracer):
     gm = trace(case.function(), case.example_inputs(), tracer)
-    result = hcms_compile.rewrite(gm, chunks=case.chunks, exact=False)
+    result = hcms_compile.rewrite(gm, chunks=case.chunks, exact="rounding")
     assert result.sites[0].rewritten, result
     return gm, result.graph_module
 

@@ -81,7 +81,7 @@ def _compare(label: str, rank: int, want: torch.Tensor, got: torch.Tensor, dim_n
 
 
 def assert_equivalent(fn: Callable[..., Any], inputs: Sequence[Any], *, world_size: int, chunks: ChunkSpec = 2,
-                      exact: bool = True, dim_names: Sequence[str] | None = None,
+                      exact: bool | str = True, dim_names: Sequence[str] | None = None,
                       require_rewrite: bool = True, seed: int = 0) -> Equivalence:
     """Assert that HCMS leaves `fn`'s outputs and gradients bitwise unchanged on every rank.
 
