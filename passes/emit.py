@@ -155,6 +155,12 @@ class Emitter:
             else aten.view.default
         return self.call(target, x, shape)
 
+    def expand(self, x: Node, shape: Sequence[int]) -> Node:
+        shape = [int(s) for s in shape]
+        if self.dialect == "torch":
+            return self.method("expand", x, shape)
+        return self.call(aten.expand.default, x, shape)
+
     def cat(self, xs: Sequence[Node], dim: int) -> Node:
         if self.dialect == "torch":
             return self.call(torch.cat, list(xs), dim)

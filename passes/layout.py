@@ -16,6 +16,9 @@ an output layout by rules alone:
 3. squeeze and unsqueeze: drop or add an empty dim.
 4. select (and unbind, and an equal split): fix the index of a whole dim; its atoms disappear.
 5. identity (contiguous, clone, detach, alias, wait on an already waited tensor).
+6. broadcast (expand of a size-1 dim, repeat_interleave): a fresh "broadcast" atom, whose index
+   does not come from the source at all; every position along it reads the same source element.
+   Explicitly repeated keys and values (repeat_kv) carry one inside their head axis.
 
 An all-to-all with equal splits over P ranks is the one non-local step: the first atoms of the send
 buffer whose sizes multiply to P name the destination rank; the receive buffer has the same shape,
@@ -43,10 +46,12 @@ class AtomSpace:
 
     sizes: dict[Atom, int]
     refined: dict[Atom, tuple[Atom, Atom]]
+    broadcast: set[Atom]
 
     def __init__(self) -> None:
         self.sizes = {}
         self.refined = {}
+        self.broadcast = set()
 
     def new(self, size: int) -> tuple[Atom, ...]:
         """A fresh atom for a dim of `size`, or none for size 1."""
@@ -115,6 +120,31 @@ class AtomSpace:
         if flat:
             raise LayoutError(f"reshape to {tuple(shape)} does not match the input's size")
         return tuple(out)
+
+    def broadcast_to(self, layout: Layout, source: Sequence[int], target: Sequence[int]) -> Layout:
+        """`expand(target)`: new leading dims and size-1 dims grown to n get broadcast atoms."""
+        lead = len(target) - len(source)
+        if lead < 0:
+            raise LayoutError(f"expand to {tuple(target)} has fewer dims than {tuple(source)}")
+        out = [self._broadcast(int(n)) for n in target[:lead]]
+        for dim, have, want in zip(layout, source, target[lead:], strict=True):
+            if want in (-1, have):
+                out.append(dim)
+            elif have == 1:
+                out.append(self._broadcast(int(want)))
+            else:
+                raise LayoutError(f"expand of a dim of size {have} to {want}")
+        return tuple(out)
+
+    def repeat_each(self, layout: Layout, dim: int, repeats: int) -> Layout:
+        """`repeat_interleave(repeats, dim)`: each index of `dim` repeated `repeats` times in a row."""
+        dim = dim % len(layout)
+        return layout[:dim] + (layout[dim] + self._broadcast(repeats),) + layout[dim + 1 :]
+
+    def _broadcast(self, size: int) -> tuple[Atom, ...]:
+        atoms = self.new(size)
+        self.broadcast.update(atoms)
+        return atoms
 
     def exchange(self, layout: Layout, world_size: int) -> tuple[Layout, tuple[Atom, ...], tuple[Atom, ...]]:
         """All-to-all over dim 0: returns (receive layout, destination atoms, source atoms)."""

@@ -14,12 +14,20 @@ Terms
 - escape: a per-head attention input or output also used outside the site (AOTAutograd saves q, k,
   v, out and log-sum-exp for the backward); the rewrite concatenates the chunks' values for it.
 - head atom: the factor (see `layout.py`) that indexes the attention's local heads; chunking cuts it.
+- KV group: how many consecutive query heads read one exchanged KV head, under grouped-query
+  attention (`enable_gqa`, or an ATen flash kernel given fewer KV heads) or because keys and values
+  are repeated after the exchange (a broadcast factor under the KV head factor). Chunks then hold
+  whole groups.
+- shared KV: one KV head per rank (fewer KV heads than ranks). It cannot be cut, so its exchange
+  stays whole before the chunks: every chunk reads it (`enable_gqa`), or slices its heads of the
+  repeated tensor as a local input.
 
 Steps of `match_sites(graph)`:
 1. Find every attention op in graph order; each is a candidate and yields a `Site` or a `Skip`.
-2. Reject options that would change bits per chunk (dropout) or that this version does not slice
-   (GQA). Every per-head tensor must have the same local-head count; a mask broadcast over heads
-   is shared by all chunks, a per-head mask is a local input.
+2. Reject options that would change bits per chunk (dropout), and attention ops whose q also feeds
+   another attention op of the same direction (ring attention). Every per-head tensor must have the
+   same local-head count, up to the KV group; a mask broadcast over heads is shared by all chunks,
+   a per-head mask is a local input.
 3. Walk back from each per-head input through layout ops to a wait and its all-to-all (or call it
    local), and from each all-to-all's input to its root. Check each receive node is used only on
    the way to attention (the attention's own inputs may also escape).
@@ -46,9 +54,12 @@ from torch.fx import Graph, Node
 from . import layout as L
 from .layout import Atom, AtomSpace, Layout, LayoutError
 from .ops import (
+    EXPAND,
     IDENTITY,
+    NEW_AXES,
     PERMUTE,
     REGROUP,
+    REPEAT,
     SELECT,
     SQUEEZE,
     TRANSPOSE,
@@ -75,6 +86,10 @@ KV_GRADIENTS = (1, 2)  # dk, dv of the backward ops
 
 class NoMatch(Exception):
     """The reason a candidate is not a site."""
+
+
+class SharedKV(NoMatch):
+    """An exchange that brings one KV head per rank: it cannot be chunked, so it stays whole."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +250,7 @@ class _Matcher:
         self.world_size: int | None = None
         self.local_heads: int | None = None
         self.kv_group = 1
-        self._heads_out: Atom = -1
+        self._heads_out: dict[Node, Atom] = {}  # attention output -> its local-head atom
 
     def run(self) -> Site | Skip:
         try:
@@ -262,10 +277,20 @@ class _Matcher:
         kv = {name: n for name, n in counts.items() if name in KV}
         if any(n != q_heads for n in kv.values()):
             # grouped-query attention: each KV head serves `kv_group` consecutive query heads
-            if not args.get("enable_gqa") or len(set(kv.values())) != 1 or q_heads % next(iter(kv.values())):
+            gqa = args.get("enable_gqa") or self.op.native_gqa
+            if not gqa or len(set(kv.values())) != 1 or q_heads % next(iter(kv.values())):
                 raise NoMatch(f"per-head inputs disagree on the head count {counts} and this is not "
-                              "grouped-query attention with enable_gqa=True")
-            self.kv_group = q_heads // next(iter(kv.values()))
+                              "grouped-query attention")
+            kv_heads = next(iter(kv.values()))
+            if kv_heads == 1:
+                if self.op.backward:
+                    raise NoMatch("one KV head on this rank serves every query head: each chunk's key and value "
+                                  "gradients would be summed in another order than the kernel sums them")
+                # every chunk attends to the rank's one KV head, exchanged whole before the chunks
+                for name in kv:
+                    del heads[name]
+            else:
+                self.kv_group = q_heads // kv_heads
         others = {name: n for name, n in counts.items() if name not in KV and n != q_heads}
         if others:
             raise NoMatch(f"per-head inputs disagree on the head count {counts}")
@@ -295,6 +320,15 @@ class _Matcher:
         args = attention_args(self.attention, self.op)
         self._check_options(args)
         heads = self._head_inputs(args)
+        # (a backward graph may also recompute the forward op on the saved q: that one does not count)
+        others = [u.name for u in heads["query"].users if u is not self.attention
+                  and getattr(attention_op(u), "backward", None) == self.op.backward]
+        if others:
+            # ring attention (USP) attends to one q once per ring step and merges the partial results;
+            # chunking that means chunking the whole ring region, merges and p2p included
+            raise NoMatch(f"the query also feeds {len(others)} other attention op(s) ({', '.join(others[:3])}): "
+                          "a ring attention or several attentions on one exchange; only sites of one attention "
+                          "op are chunked")
 
         # step 3: per-head inputs back to their exchanges, or local
         routes: dict[Node, tuple[list[str], set[Node], Node]] = {}
@@ -318,8 +352,13 @@ class _Matcher:
             raise NoMatch("the inputs are exchanged over different process groups")
         (group,) = groups
         world = self.world_size = world_size_of(group)
-        exchanges = [self._input_exchange(a2a, wait, feeds, nodes, heads, world)
-                     for a2a, (feeds, nodes, wait) in routes.items()]
+        exchanges = []
+        for a2a, (feeds, nodes, wait) in routes.items():
+            try:
+                exchanges.append(self._input_exchange(a2a, wait, feeds, nodes, heads, world))
+            except SharedKV:
+                # exchanged whole before the chunks; each chunk slices its heads of the repeated tensor
+                local.update({name: self.op.head_params[name] for name in feeds})
         self._check_no_mutation(exchanges)
         self._check_locals_independent(exchanges, {name: heads[name] for name in local})
         escapes = self._input_escapes(exchanges, heads)
@@ -428,6 +467,14 @@ class _Matcher:
             return L.select(src, step.dims[0])
         if step.kind == IDENTITY:
             return src
+        if step.kind == EXPAND:
+            return self.atoms.broadcast_to(src, shape_of(step.source), step.dims)
+        if step.kind == REPEAT:
+            return self.atoms.repeat_each(src, *step.dims)
+        if step.kind == NEW_AXES:
+            for pos in step.dims:
+                src = L.unsqueeze(src, pos)
+            return src
         raise LayoutError(f"no rule for {step.kind}")
 
     # -- step 4 --------------------------------------------------------------------------------
@@ -479,6 +526,9 @@ class _Matcher:
 
     def _head_atom(self, node: Node, name: str, dest: tuple[Atom, ...]) -> Atom:
         group = self.atoms.expand(self.layouts[node][-3])
+        repeats = [a for a in group if a in self.atoms.broadcast]
+        if repeats:
+            group = self._repeated_kv(name, group, repeats)
         if self.local_heads // (self.kv_group if name in KV else 1) == 1:
             return -1  # nothing to chunk; the plan step reports it
         if len(group) != 1:
@@ -487,6 +537,19 @@ class _Matcher:
         if atom in dest:
             raise NoMatch(f"{name}'s head axis is the all-to-all's rank axis")
         return atom
+
+    def _repeated_kv(self, name: str, group: tuple[Atom, ...], repeats: list[Atom]) -> tuple[Atom, ...]:
+        """Keys and values repeated after the exchange (repeat_kv): each received KV head is read by
+        `n` consecutive query heads, as under grouped-query attention with a group of `n`."""
+        if name not in KV or len(repeats) != 1 or group[-1] != repeats[0]:
+            raise NoMatch(f"{name}'s head axis repeats heads in a way other than each KV head n times in a row")
+        n = self.atoms.sizes[repeats[0]]
+        if self.kv_group not in (1, n):
+            raise NoMatch(f"keys and values are repeated {n} times and grouped by {self.kv_group}")
+        if len(group) == 1:
+            raise SharedKV(f"{name} has one KV head on this rank, repeated for every query head")
+        self.kv_group = n
+        return group[:-1]
 
     def _check_scatter_heads(self, path: tuple[Node, ...], dest: tuple[Atom, ...], head: Atom, a2a: Node) -> None:
         """Some tensor on the send path has a dim whose factors are (rank, local head): a global head
@@ -553,18 +616,21 @@ class _Matcher:
                 outputs[user.args[1]] = user
         return outputs
 
-    def _mirror(self, source: Node, first: InputExchange, heads: dict[str, Node]) -> tuple[Layout, Atom]:
-        """Fresh atoms for an output [.., H, S, D], split like the exchanged input's batch dims."""
+    def _mirror(self, source: Node, first: InputExchange, heads: dict[str, Node], divisor: int
+                ) -> tuple[Layout, Atom]:
+        """Fresh atoms for an output [.., H, S, D], split like the exchanged input's batch dims, with
+        1/`divisor` of its heads."""
         reference = self.atoms.resolve(self.layouts[heads[first.feeds[0]]][:-2])
         head = -1
         dims: list[tuple[Atom, ...]] = []
         for group_atoms in reference:
             new_dim = []
             for atom in group_atoms:
-                (fresh,) = self.atoms.new(self.atoms.sizes[atom])
                 if atom == first.head:
-                    head = fresh
-                new_dim.append(fresh)
+                    head, *_ = self.atoms.new(self.atoms.sizes[atom] // divisor) or (-1,)
+                    new_dim += [head] if head >= 0 else []
+                else:
+                    new_dim += self.atoms.new(self.atoms.sizes[atom])
             dims.append(tuple(new_dim))
         shape = shape_of(source)
         return (*dims, self.atoms.new(shape[-2]), self.atoms.new(shape[-1])), head
@@ -577,8 +643,10 @@ class _Matcher:
         if source not in self.layouts:
             if self.op.head_outputs[index] != -3:
                 return None  # log-sum-exp and the like are never exchanged; they can only escape
-            self.layouts[source], self._heads_out = self._mirror(source, first, heads)
-        head = self._heads_out
+            # key and value gradients have one head per KV head: fewer under grouped-query attention
+            divisor = self.kv_group if self.op.backward and index in KV_GRADIENTS else 1
+            self.layouts[source], self._heads_out[source] = self._mirror(source, first, heads, divisor)
+        head = self._heads_out[source]
         while not is_all_to_all(user):
             step = layout_op(user)
             if step is None or step.source is not node or step.kind == UNBIND:

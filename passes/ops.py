@@ -37,6 +37,9 @@ UNSQUEEZE = "unsqueeze"
 SELECT = "select"
 UNBIND = "unbind"
 IDENTITY = "identity"
+EXPAND = "expand"  # dims: the target sizes
+REPEAT = "repeat"  # dims: (dim, repeats) of repeat_interleave
+NEW_AXES = "new_axes"  # dims: where `x[:, None]`-style indexing inserts size-1 dims
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ _CALLABLE_OPS: dict[Any, str] = {
     torch.unbind: "unbind",
     torch.clone: "clone",
     torch.detach: "detach",
+    torch.repeat_interleave: "repeat_interleave",
 }
 
 
@@ -106,10 +110,8 @@ def layout_op(node: Node) -> LayoutOp | None:
 def _layout_op(node: Node) -> LayoutOp | None:
     if node.op not in ("call_function", "call_method"):
         return None
-    if node.target is operator.getitem and isinstance(node.args[0], Node) and isinstance(node.args[1], int):
-        # `x[i]` on a tensor (Dynamo keeps it as getitem) selects along dim 0
-        source_val = node.args[0].meta.get("val", node.args[0].meta.get("example_value"))
-        return LayoutOp(SELECT, node.args[0], (0,)) if isinstance(source_val, torch.Tensor) else None
+    if node.target is operator.getitem and isinstance(node.args[0], Node):
+        return _tensor_index(node)
     name = _CALLABLE_OPS.get(node.target, target_name(node)) if node.op == "call_function" else str(node.target)
     source = _tensor_input(node)
     if source is None:
@@ -140,9 +142,32 @@ def _layout_op(node: Node) -> LayoutOp | None:
             return LayoutOp(SELECT, source, _ints([dim]))
         if name == "unbind":
             return LayoutOp(UNBIND, source, _ints(rest or [node.kwargs.get("dim", 0)]))
+        if name == "expand":
+            return LayoutOp(EXPAND, source, _ints(rest or [node.kwargs["size"]]))
+        if name == "repeat_interleave":
+            repeats, dim = (rest + [None, None])[:2]
+            repeats, dim = node.kwargs.get("repeats", repeats), node.kwargs.get("dim", dim)
+            if not isinstance(repeats, int) or not isinstance(dim, int) or "output_size" in node.kwargs:
+                return None  # a tensor of repeat counts, or a flattening repeat
+            return LayoutOp(REPEAT, source, (dim, repeats))
     except (TypeError, KeyError):
         return None
     return None
+
+
+def _tensor_index(node: Node) -> LayoutOp | None:
+    """Dynamo keeps tensor indexing as getitem: `x[i]` selects along dim 0, and an index of full
+    slices and Nones (`x[:, :, None]`) inserts size-1 dims."""
+    source, index = node.args[0], node.args[1]
+    source_val = source.meta.get("val", source.meta.get("example_value"))
+    if not isinstance(source_val, torch.Tensor):
+        return None
+    if isinstance(index, int):
+        return LayoutOp(SELECT, source, (0,))
+    full = slice(None, None, None)
+    if not isinstance(index, tuple) or any(i is not None and i != full for i in index):
+        return None
+    return LayoutOp(NEW_AXES, source, tuple(pos for pos, i in enumerate(index) if i is None))
 
 
 def unbind_item(node: Node) -> tuple[Node, int] | None:
@@ -213,6 +238,7 @@ class AttentionOp:
     head_params: dict[str, int]
     head_outputs: dict[int, int]
     backward: bool = False
+    native_gqa: bool = False  # takes fewer KV heads than query heads without an enable_gqa flag
 
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -243,7 +269,8 @@ def _aten_attention() -> dict[Any, AttentionOp]:
         overload = packet.default
         params = tuple(a.name for a in overload._schema.arguments)
         heads = {name: axis for name, axis in _HEAD_AXIS.items() if name in params}
-        table[overload] = AttentionOp(kernel, params, mask, True, heads, outputs, op_name.endswith("_backward"))
+        table[overload] = AttentionOp(kernel, params, mask, True, heads, outputs, op_name.endswith("_backward"),
+                                      native_gqa=kernel in ("flash_cpu", "flash"))
     return table
 
 
@@ -257,7 +284,10 @@ _ATTENTION: dict[Any, AttentionOp] = {
 def attention_op(node: Node) -> AttentionOp | None:
     if node.op != "call_function":
         return None
-    return _ATTENTION.get(node.target)
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):  # Dynamo keeps `torch.ops.aten.x` calls as packets
+        target = getattr(target, "default", target)
+    return _ATTENTION.get(target)
 
 
 def attention_args(node: Node, op: AttentionOp) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .exactness import BITWISE, Exactness, accepts, judge
 from .match import Site, value_of
+from .ops import attention_args
 
 ChunkSpec = int | Sequence[int]
 
@@ -100,7 +101,8 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE) -> ChunkPlan
         sizes = chunk_sizes(site.local_heads, chunks)
     if isinstance(sizes, str):
         return sizes
-    query, key = (value_of(site.heads[name]) for name in ("query", "key"))
+    # keys shared whole by every chunk (one KV head on the rank) are not in `site.heads`
+    query, key = (value_of(attention_args(site.attention, site.op)[name]) for name in ("query", "key"))
     verdict = judge(site.kernel, query, key, sizes, backward=site.op.backward)
     if not accepts(policy, verdict):
         return f"chunking may change bits ({verdict.grade}: {verdict.why}); pass exact={verdict.grade!r} to allow it"

@@ -34,7 +34,7 @@ from torch.fx import Graph, Node
 from .emit import Emitter
 from .layout import Atom, Layout
 from .match import Escape, InputExchange, Site, shape_of
-from .ops import REGROUP, exchange_args, inplace_fill, layout_op, replace_attention_inputs
+from .ops import EXPAND, REGROUP, exchange_args, inplace_fill, layout_op, replace_attention_inputs
 from .plan import ChunkPlan
 from .schedule import ChunkStages, apply_order, pipeline_order
 
@@ -71,6 +71,8 @@ class _SiteWriter:
             if step is not None and step.kind == REGROUP:
                 shape = self.atoms.shape(layouts[node], override)
                 mapping[node] = self.emit.reshape(mapping[step.source], shape, like=node)
+            elif step is not None and step.kind == EXPAND:
+                mapping[node] = self.emit.expand(mapping[step.source], self.atoms.shape(layouts[node], override))
             else:
                 mapping[node] = self.emit.copy(node, mapping)
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from hcms_compile.passes.ops import is_all_to_all
+from hypothesis import settings
 from torch.fx import GraphModule
 
 from hcms_compile.testing import ranks
 from hcms_compile.testing.strategies import UlyssesCase
+
+
+def examples(ci: int) -> settings:
+    """`ci` examples under the CI profile; the loaded profile's count (1000 when thorough) otherwise."""
+    if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
+        return settings(max_examples=ci)
+    return settings()
 
 
 def count_all_to_alls(gm: GraphModule) -> int:

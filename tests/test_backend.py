@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import hcms_compile
@@ -17,9 +17,10 @@ from hcms_compile.testing import assert_equivalent, ranks
 from hcms_compile.testing.compiled import compile_graphs
 from hcms_compile.testing.layouts import attn_funcol
 from hcms_compile.testing.strategies import ulysses_cases
+from tests.helpers import examples
 
 
-@settings(max_examples=12)
+@examples(12)
 @given(ulysses_cases(min_local_heads=2, max_local_heads=4), st.integers(2, 8))
 def test_training_outputs_and_gradients_match_the_same_compiler_without_hcms(case, world):
     from dataclasses import replace

@@ -8,14 +8,14 @@ on all ranks in one process with LocalTensorMode.
 from __future__ import annotations
 
 import torch
-from hypothesis import event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import hcms_compile
 from hcms_compile.testing.layouts import LAYOUTS
 from hcms_compile.testing.strategies import FUNCTIONAL_LAYOUTS, UlyssesCase, ulysses_cases
 from hcms_compile.testing.tracing import trace
-from tests.helpers import assert_bitwise_on_ranks, assert_close_on_ranks, count_all_to_alls
+from tests.helpers import assert_bitwise_on_ranks, assert_close_on_ranks, count_all_to_alls, examples
 
 
 def check_case(case, tracer: str) -> None:
@@ -46,25 +46,25 @@ def check_case(case, tracer: str) -> None:
     assert_bitwise_on_ranks(gm, result.graph_module, case)
 
 
-@settings(max_examples=120)
+@examples(120)
 @given(ulysses_cases())
 def test_make_fx_graphs_keep_their_bits(case):
     check_case(case, "make_fx")
 
 
-@settings(max_examples=25)
+@examples(25)
 @given(ulysses_cases(max_world=4))
 def test_export_graphs_keep_their_bits(case):
     check_case(case, "export")
 
 
-@settings(max_examples=25)
+@examples(25)
 @given(ulysses_cases(layouts=tuple(LAYOUTS), max_world=4))
 def test_dynamo_graphs_keep_their_bits(case):
     check_case(case, "dynamo")
 
 
-@settings(max_examples=20)
+@examples(20)
 @given(ulysses_cases(max_world=4))
 def test_aot_forward_graphs_keep_their_bits(case):
     check_case(case, "aot")
@@ -72,7 +72,7 @@ def test_aot_forward_graphs_keep_their_bits(case):
 
 @given(st.sampled_from(FUNCTIONAL_LAYOUTS), st.sampled_from([(1, 3, 1), 2, (4, 1), 5]),
        st.sampled_from([torch.float32, torch.bfloat16]))
-@settings(max_examples=20)
+@examples(20)
 def test_explicit_uneven_chunks_on_every_layout(layout, chunks, dtype):
     # 4 ranks x 8 tokens: S = 32, a shape the CPU kernel computes identically per head
     case = UlyssesCase(layout, 4, 2, 5, 8, 8, dtype, True, chunks)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from hcms_compile.passes.ops import attention_op, is_all_to_all, is_wait, layout_op
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import hcms_compile
 from hcms_compile.testing.strategies import ulysses_cases
 from hcms_compile.testing.tracing import trace
+from tests.helpers import examples
 
 
 def _rewritten(case, tracer):
@@ -18,7 +19,7 @@ def _rewritten(case, tracer):
     return gm, result.graph_module
 
 
-@settings(max_examples=30)
+@examples(30)
 @given(ulysses_cases(max_world=4, min_local_heads=2), st.sampled_from(["make_fx", "dynamo"]))
 def test_pipeline_order(case, tracer):
     _, gm = _rewritten(case, tracer)
@@ -48,7 +49,7 @@ def test_pipeline_order(case, tracer):
         assert all(is_wait(nodes[i]) for i in range(pos[wait] + 1, user)), "compute between a wait and its use"
 
 
-@settings(max_examples=20)
+@examples(20)
 @given(ulysses_cases(max_world=4, min_local_heads=2), st.sampled_from(["make_fx", "dynamo", "export"]))
 def test_every_new_node_is_annotated_with_site_chunk_role_and_stream(case, tracer):
     original, gm = _rewritten(case, tracer)

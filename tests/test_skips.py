@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
@@ -219,9 +220,15 @@ def _gqa(kv_heads: int):
 
 
 def test_grouped_query_attention_keeps_each_group_with_its_kv_head():
-    gm = trace(_gqa(2), _inputs(), "dynamo")  # 4 query heads, 2 KV heads: 2 and 1 per rank
-    assert "split a group of 2" in hcms_compile.rewrite(gm, chunks=(1, 1)).sites[0].reason
-    assert "in KV heads" in hcms_compile.rewrite(gm, chunks=2).sites[0].reason  # one KV head per rank
+    gm = trace(_gqa(4), _inputs(8), "dynamo")  # 8 query heads, 4 KV heads: 4 and 2 per rank
+    assert "split a group of 2" in hcms_compile.rewrite(gm, chunks=(1, 3)).sites[0].reason
+    assert "in KV heads" in hcms_compile.rewrite(gm, chunks=3).sites[0].reason
+
+
+def test_one_kv_head_per_rank_is_exchanged_whole_and_shared_by_every_chunk():
+    # 4 query heads, 2 KV heads over 2 ranks: each rank's 2 query heads read its one KV head
+    (site,) = _rewritten(_gqa(2), tracer="dynamo")
+    assert site.chunk_sizes == (1, 1) and site.exchanges == 1  # only q's exchange is chunked
 
 
 def test_grouped_query_attention_is_chunked_by_kv_heads():
@@ -388,3 +395,74 @@ def test_keys_gathered_by_a_second_collective_usp_style():
 
     (site,) = _rewritten(fn)
     assert site.exchanges == 1  # q's; k and v are local inputs
+
+
+def _ring_attention(q, k, v, group):
+    """Ring attention over `group`: the keys and values travel rank to rank by p2p (permute), each
+    step attends to the block at hand, and the partial results merge by their log-sum-exp."""
+    world = group.size()
+    out = lse = None
+    for step in range(world):
+        o, step_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+        if out is None:
+            out, lse = o, step_lse
+        else:
+            total = torch.logaddexp(lse, step_lse)
+            out = out * torch.exp(lse - total).unsqueeze(-1) + o * torch.exp(step_lse - total).unsqueeze(-1)
+            lse = total
+        if step + 1 < world:
+            ring = [(r + 1) % world for r in range(world)]
+            # p2p send to the next rank (funcol's permute is an all-to-all of flat, uneven splits)
+            k, v = (funcol.permute_tensor(t.contiguous().flatten(), ring, group).view(t.shape) for t in (k, v))
+    return out
+
+
+def test_ulysses_with_ring_attention_is_left_alone_with_a_reason():
+    # USP: the Ulysses exchange feeds a ring attention (several attention calls on one q, merged by
+    # log-sum-exp, keys and values passed on by p2p). Chunking it would mean chunking the whole ring
+    # region, merges included; the pass proves sites of one attention op only, so it says so.
+    # (The Ulysses group stands in for the ring group so that LocalTensorMode can run it.)
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        return _gather_heads(_ring_attention(q, k, v, g), g)
+
+    gm = trace(fn, _inputs(), "dynamo")
+    result = hcms_compile.rewrite(gm, chunks=2)
+    assert len(result.sites) == P and not result.rewritten
+    assert result.graph_module.code == gm.code
+    assert all("the query also feeds 1 other attention op(s)" in s.reason for s in result.sites), result
+
+
+def _repeated_kv(kv_heads: int, style: str):
+    g = ranks.group(P)
+
+    def repeat(x, n):
+        if style == "repeat_interleave":
+            return torch.repeat_interleave(x, n, dim=1)
+        b, h, s, d = x.shape  # Llama's repeat_kv
+        return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+    def fn(q, k, v):
+        q = _scatter_heads(q, g)
+        k, v = (_scatter_heads(t[:, :, :kv_heads], g) for t in (k, v))
+        n = q.shape[1] // k.shape[1]
+        return _gather_heads(F.scaled_dot_product_attention(q, repeat(k, n), repeat(v, n)), g)
+
+    return fn
+
+
+@pytest.mark.parametrize("style", ["repeat_interleave", "repeat_kv"])
+def test_keys_repeated_after_the_exchange_chunk_by_kv_head(style):
+    # 8 query and 4 KV heads over 2 ranks: 2 KV heads per rank, each repeated for 2 query heads
+    (site,) = _rewritten(_repeated_kv(4, style), tracer="dynamo", heads=8)
+    assert site.chunk_sizes == (2, 2) and site.exchanges == 3
+    gm = trace(_repeated_kv(4, style), _inputs(8), "dynamo")
+    assert "split a group of 2" in hcms_compile.rewrite(gm, chunks=(1, 3)).sites[0].reason
+
+
+@pytest.mark.parametrize("style", ["repeat_interleave", "repeat_kv"])
+def test_one_repeated_kv_head_per_rank_is_sliced_per_chunk(style):
+    (site,) = _rewritten(_repeated_kv(2, style), tracer="dynamo")  # 4 query heads, 2 KV heads, 2 ranks
+    assert site.chunk_sizes == (1, 1) and site.exchanges == 1

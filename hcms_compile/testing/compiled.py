@@ -8,6 +8,7 @@ the backward graph on the saved tensors and the cotangents, exactly as AOTAutogr
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,14 +40,22 @@ def compile_graphs(fn: Callable[..., Any], example_inputs: Sequence[torch.Tensor
         raise ValueError("graphs can be captured only from an aot_eager backend")
     before = len(backend.reports)
     torch._dynamo.reset()
-    inputs = [t.detach().clone().requires_grad_(train) for t in example_inputs]
-    out = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+    inputs = [t.detach().clone().requires_grad_(train and t.is_floating_point()) for t in example_inputs]
+    out = torch.compile(functools.partial(_inputs_in_order, fn), backend=backend, fullgraph=True)(*inputs)
     if train:
         torch.autograd.backward(out, [torch.ones_like(o) for o in _leaves(out)])
     reports = backend.reports[before:]
     forward = next(r for r in reports if r.phase in ("forward", "inference"))
     backward = next((r for r in reports if r.phase == "backward"), None)
     return CompiledGraphs(forward, backward)
+
+
+def _inputs_in_order(fn: Callable[..., Any], *args: Any) -> Any:
+    # Dynamo numbers graph inputs in the order the code first uses them; touch them all first so
+    # that the captured graphs take them in argument order, as `run_training_step` passes them
+    for arg in args:
+        arg.shape  # noqa: B018
+    return fn(*args)
 
 
 @contextlib.contextmanager
