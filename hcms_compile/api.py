@@ -4,23 +4,36 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
+from collections.abc import Callable
 
 import torch.fx
 
+from .calibrate import resolve_profile
 from .passes import ChunkSpec, Site, Skip, match_sites, plan_site, rewrite_site, validate_chunks
 from .passes.emit import EmitError
 from .passes.exactness import exactness_policy
-from .passes.match import match_again
+from .passes.match import match_again, value_of
+from .passes.plan import AUTO
+from .passes.profiles import DeviceProfile
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
 
 log = logging.getLogger("hcms_compile")
 
 
-def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2, exact: bool | str = True) -> RewriteResult:
+ProfileSpec = DeviceProfile | str | os.PathLike | None
+
+
+def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
+            profile: ProfileSpec = None) -> RewriteResult:
     """Chunk every provable all-to-all -> attention -> all-to-all site of `gm` by local heads.
 
-    `chunks` is a chunk count (split evenly, larger chunks first) or local-head counts per chunk.
+    `chunks` is "auto" (the cost model picks a count per site, 1 meaning leave it alone), a chunk
+    count (split evenly, larger chunks first) or local-head counts per chunk. `profile` is the
+    device profile the cost model uses: a `DeviceProfile`, a saved profile's path, or None for the
+    one `hcms calibrate` saved for the site's device and world size, else a built-in estimate. The
+    plan is a function of the graph and the profile: ranks that pass the same profile agree.
     `exact` is the exactness policy (see `hcms_compile.passes.exactness`): with `True` (the default)
     a site is chunked only where the attention kernel is known to keep its bits; `False` also
     allows chunkings that stay within the kernel's own run-to-run variation; "rounding" allows any
@@ -36,16 +49,26 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = 2, exact: bool | st
         graph = copy.deepcopy(gm.graph)
     out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(getattr(gm, "meta", {}))
-    reports = rewrite_graph(out.graph, chunks=spec, exact=policy)
+    reports = rewrite_graph(out.graph, chunks=spec, exact=policy, profile=profile)
     if any(r.rewritten for r in reports):
         out.recompile()
     return RewriteResult(out, reports)
 
 
-def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = 2, exact: bool | str = True) -> list[SiteReport]:
+def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
+                  profile: ProfileSpec = None) -> list[SiteReport]:
     """`rewrite` in place on a graph: what compiler hooks (Inductor's post-grad passes) call."""
     spec, policy = _check_args(chunks, exact)
-    reports = [_apply(graph, found, spec, policy) for found in match_sites(graph)]
+    profiles: dict[tuple[str, int], DeviceProfile] = {}
+
+    def profile_for(site: Site) -> DeviceProfile:
+        device = value_of(site.heads["query"]).device
+        key = (str(device), site.world_size)
+        if key not in profiles:
+            profiles[key] = resolve_profile(profile, device, site.world_size)
+        return profiles[key]
+
+    reports = [_apply(graph, found, spec, policy, profile_for) for found in match_sites(graph)]
     if any(r.rewritten for r in reports):
         graph.lint()
     for report in reports:
@@ -57,14 +80,15 @@ def _check_args(chunks: object, exact: object) -> tuple[ChunkSpec, str]:
     return validate_chunks(chunks), exactness_policy(exact)
 
 
-def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: str) -> SiteReport:
+def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: str,
+           profile_for: Callable[[Site], DeviceProfile]) -> SiteReport:
     base = dict(index=found.index, attention=found.attention.name, kernel=found.kernel,
                 world_size=found.world_size, local_heads=found.local_heads)
     if isinstance(found, Site) and found.is_stale():
         found = match_again(found)  # an earlier site's rewrite replaced a node this one starts from
     if not isinstance(found, Site):
         return SiteReport(status=SKIPPED, reason=found.reason, **base)
-    plan = plan_site(found, spec, policy)
+    plan = plan_site(found, spec, policy, profile_for(found))
     if isinstance(plan, str):
         return SiteReport(status=SKIPPED, reason=plan, exchanges=len(found.inputs), **base)
     try:
@@ -75,6 +99,8 @@ def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: s
         log.warning("hcms: internal error rewriting %s; site left as it was", found.attention.name, exc_info=True)
         return SiteReport(status=SKIPPED, reason=f"internal error, please report: {type(err).__name__}: {err}",
                           **base)
+    predicted = plan.prediction
     return SiteReport(status=REWRITTEN, chunk_sizes=plan.chunk_sizes, exchanges=len(found.inputs),
                       bitwise=plan.exactness.bitwise, grade=plan.exactness.grade,
-                      exactness=plan.exactness.why, **base)
+                      exactness=plan.exactness.why, rho=predicted.rho if predicted else None,
+                      predicted_gain=predicted.gain if predicted else None, choice=plan.choice, **base)

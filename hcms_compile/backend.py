@@ -16,17 +16,22 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx
 
 from . import passes as passes_pkg
-from .api import rewrite_graph
+from .api import ProfileSpec, rewrite_graph
+from .calibrate import agree_if_distributed, resolve_profile
 from .passes import ChunkSpec, validate_chunks
 from .passes.exactness import BITWISE, exactness_policy
+from .passes.ops import is_all_to_all
+from .passes.plan import AUTO
+from .passes.profiles import DeviceProfile
 from .passes.schedule import pin_pipeline
 from .report import SiteReport, render_sites
 
@@ -37,24 +42,33 @@ INNER = ("inductor", "aot_eager")
 
 @dataclass(frozen=True)
 class HcmsOptions:
-    chunks: ChunkSpec = 2
+    chunks: ChunkSpec = AUTO
     exact: str = BITWISE  # the exactness policy's name
     enabled: bool = True
+    profile: DeviceProfile | None = None  # resolved (and agreed between ranks) for the graph's device
 
     def key(self) -> str:
-        chunks = list(self.chunks) if not isinstance(self.chunks, int) else self.chunks
-        return json.dumps({"chunks": chunks, "exact": self.exact, "enabled": self.enabled}, sort_keys=True)
+        chunks = list(self.chunks) if isinstance(self.chunks, (list, tuple)) else self.chunks
+        # the plan of "auto" depends on the profile: a cached graph planned with another must not be reused
+        profile = self.profile.to_json() if self.profile is not None and self.chunks == AUTO else None
+        return json.dumps({"chunks": chunks, "exact": self.exact, "enabled": self.enabled, "profile": profile},
+                          sort_keys=True)
+
+    def rewrite(self, graph: torch.fx.Graph) -> list[SiteReport]:
+        return rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile)
 
 
 def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, str] | None = None) -> HcmsOptions:
     env = os.environ if environ is None else environ
     enabled = env.get("HCMS_DISABLE", "").strip() not in ("1", "true", "yes")
     raw = env.get("HCMS_CHUNKS", "").strip()
-    if raw:
+    if raw == AUTO:
+        chunks = AUTO
+    elif raw:
         try:
             parts = [int(p) for p in raw.replace("+", ",").split(",") if p.strip()]
         except ValueError:
-            raise ValueError(f"HCMS_CHUNKS={raw!r}: expected a count like 3 or sizes like 2,1") from None
+            raise ValueError(f"HCMS_CHUNKS={raw!r}: expected auto, a count like 3 or sizes like 2,1") from None
         chunks = validate_chunks(parts[0] if len(parts) == 1 else tuple(parts))
     return HcmsOptions(validate_chunks(chunks), exactness_policy(exact), enabled)
 
@@ -90,7 +104,7 @@ class HcmsGraphPass:
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         phase = _phase(graph, "forward")
-        sites = rewrite_graph(graph, chunks=self.options.chunks, exact=self.options.exact)
+        sites = self.options.rewrite(graph)
         if any(site.rewritten for site in sites):
             pin_pipeline(graph)
         self.sink.append(GraphReport(phase, sites))
@@ -127,18 +141,22 @@ def _as_custom_pass(graph_pass: HcmsGraphPass) -> Any:
 class HcmsBackend:
     """A torch.compile backend that applies HCMS to every forward and backward graph."""
 
-    def __init__(self, chunks: ChunkSpec = 2, inner: str = "inductor", exact: bool | str = True) -> None:
+    def __init__(self, chunks: ChunkSpec = AUTO, inner: str = "inductor", exact: bool | str = True,
+                 profile: ProfileSpec = None) -> None:
         if inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, got {inner!r}")
         validate_chunks(chunks)
         exactness_policy(exact)
-        self.chunks, self.inner, self.exact = chunks, inner, exact
+        self.chunks, self.inner, self.exact, self.profile = chunks, inner, exact, profile
         self.reports: list[GraphReport] = []
+        self._profiles: dict[str, DeviceProfile] = {}
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         options = options_from_env(self.chunks, self.exact)
         if not options.enabled:
             log.info("hcms: HCMS_DISABLE is set; compiling without the pass")
+        elif any(is_all_to_all(node) for node in gm.graph.nodes):
+            options = replace(options, profile=self._profile_for(example_inputs, agree=options.chunks == AUTO))
         if self.inner == "inductor":
             return self._inductor(gm, example_inputs, options)
         return self._aot_eager(gm, example_inputs, options)
@@ -157,7 +175,7 @@ class HcmsBackend:
                 # code was rewritten with this very plan: derive the report from a copy
                 phase = "backward" if kwargs.get("is_backward") else "forward"
                 copy = torch.fx.GraphModule(graph_module, deepcopy(graph_module.graph))
-                sites = rewrite_graph(copy.graph, chunks=options.chunks, exact=options.exact)
+                sites = options.rewrite(copy.graph)
                 self.reports.append(GraphReport(phase, sites, cached=True))
             return compiled
 
@@ -168,8 +186,7 @@ class HcmsBackend:
         if len(self.reports) == before:
             # AOTAutograd's cache served the whole compile (its key holds our uuid): report the plan
             # as the Dynamo graph shows it; the backward graph is not rebuilt just to report on it
-            sites = rewrite_graph(torch.fx.GraphModule(gm, dynamo_graph).graph, chunks=options.chunks,
-                                  exact=options.exact)
+            sites = options.rewrite(torch.fx.GraphModule(gm, dynamo_graph).graph)
             self.reports.append(GraphReport("forward", sites, cached=True))
         return compiled
 
@@ -181,7 +198,7 @@ class HcmsBackend:
             def compile_graph(graph_module: torch.fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
                 sites: list[SiteReport] = []
                 if options.enabled:
-                    sites = rewrite_graph(graph_module.graph, chunks=options.chunks, exact=options.exact)
+                    sites = options.rewrite(graph_module.graph)
                     graph_module.recompile()
                 self.reports.append(GraphReport(_phase(graph_module.graph, phase), sites, graph_module))
                 return make_boxed_func(graph_module.forward)
@@ -192,13 +209,26 @@ class HcmsBackend:
                                inference_compiler=compiler("inference"))
         return backend(gm, example_inputs)
 
+    def _profile_for(self, example_inputs: Sequence[Any], agree: bool) -> DeviceProfile:
+        """The device profile, resolved once per device. Under "auto" the ranks then agree on it (one
+        small all-reduce, at the first compile of a graph with an all-to-all, which every rank runs):
+        a node with another saved profile would otherwise plan differently and hang the collectives."""
+        device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        key = f"{device} {agree}"
+        if key not in self._profiles:
+            world = dist.get_world_size() if dist.is_initialized() else None
+            profile = resolve_profile(self.profile, device, world)
+            self._profiles[key] = agree_if_distributed(profile) if agree else profile
+        return self._profiles[key]
+
     def tables(self) -> str:
         return "\n\n".join(report.table() for report in self.reports)
 
 
-def make_backend(chunks: ChunkSpec = 2, inner: str = "inductor", exact: bool | str = True) -> HcmsBackend:
+def make_backend(chunks: ChunkSpec = AUTO, inner: str = "inductor", exact: bool | str = True,
+                 profile: ProfileSpec = None) -> HcmsBackend:
     """A configured HCMS backend: `torch.compile(model, backend=make_backend(chunks=(2, 1)))`."""
-    return HcmsBackend(chunks=chunks, inner=inner, exact=exact)
+    return HcmsBackend(chunks=chunks, inner=inner, exact=exact, profile=profile)
 
 
 hcms_backend = HcmsBackend()

@@ -9,9 +9,15 @@ from collections.abc import Sequence
 from .testing.layouts import LAYOUTS
 
 
-def _chunks(text: str) -> int | tuple[int, ...]:
+def _chunks(text: str) -> int | tuple[int, ...] | str:
+    if text == "auto":
+        return text
     parts = [int(p) for p in text.replace("+", ",").split(",") if p]
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    return tuple(int(float(p)) for p in text.split(",") if p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,14 +29,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--heads", type=int, default=12, help="global heads (divisible by --ranks)")
     demo.add_argument("--head-dim", type=int, default=32)
     demo.add_argument("--tokens-per-rank", type=int, default=64)
-    demo.add_argument("--chunks", type=_chunks, default=2, help="a count, or local heads per chunk: 2+1")
+    demo.add_argument("--chunks", type=_chunks, default=2,
+                      help="auto, a count, or local heads per chunk: 2+1 (default 2: on CPU ranks the cost model "
+                           "would rightly leave every site alone, and the demo is about showing the rewrite)")
     demo.add_argument("--layout", choices=[n for n, lay in LAYOUTS.items() if lay.functional], default="funcol")
     demo.add_argument("--causal", action="store_true")
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--batch", type=int, default=2)
     demo.add_argument("--inner", choices=["inductor", "aot_eager"], default="inductor",
                       help="the compiler HCMS hands the rewritten graphs to")
+    calibrate = sub.add_parser("calibrate", help="measure this machine's device profile on every rank and save it")
+    calibrate.add_argument("--ranks", type=int, default=2, help="CPU ranks to spawn when not under torchrun")
+    calibrate.add_argument("--sizes", type=_sizes, default=None, help="all-to-all buffer bytes per rank: 1e6,1e7")
+    calibrate.add_argument("--repeats", type=int, default=5)
+    calibrate.add_argument("--attention-tokens", type=int, default=None)
+    calibrate.add_argument("--interconnect", choices=["nvlink", "pcie", "ib"], default=None)
+    calibrate.add_argument("--backend", default=None, help="process group backend under torchrun")
+    calibrate.add_argument("--out", default=None, help="where to save (default: where the backend looks)")
+    from .bench import add_bench_arguments, run_bench_command
+
+    add_bench_arguments(sub.add_parser("bench", help="time Ulysses attention and a block with and without HCMS"))
     args = parser.parse_args(argv)
+    if args.command == "calibrate":
+        from .calibrate import CalibrateArgs, main_calibrate
+
+        main_calibrate(CalibrateArgs(ranks=args.ranks, sizes=args.sizes, repeats=args.repeats,
+                                     attention_tokens=args.attention_tokens, interconnect=args.interconnect,
+                                     backend=args.backend, out=args.out))
+        return 0
+    if args.command == "bench":
+        return run_bench_command(args)
 
     if args.command == "demo":
         from .demo import DemoArgs, run_demo

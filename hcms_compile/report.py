@@ -27,6 +27,9 @@ class SiteReport:
     bitwise: bool | None = None  # for rewritten sites: is the chunked kernel known to keep its bits
     grade: str = ""  # for rewritten sites: "bitwise", "run-to-run" or "rounding" (passes/exactness.py)
     exactness: str = ""  # what that verdict rests on
+    rho: float | None = None  # predicted comm / (comm + attention) of the plain site
+    predicted_gain: float | None = None  # predicted (plain - chunked) / plain for the chosen chunks
+    choice: str = ""  # with chunks="auto": why this chunk count
 
     @property
     def rewritten(self) -> bool:
@@ -55,10 +58,12 @@ def render_sites(sites: list[SiteReport]) -> str:
         return "no all-to-all -> attention -> all-to-all site found: graph unchanged"
     rows = [
         (s.index, s.attention, s.kernel, s.status, s.world_size or "-", s.local_heads or "-",
-         "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", _bits(s), s.reason)
+         "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", _bits(s), _percent(s.rho),
+         _percent(s.predicted_gain), s.reason or s.choice)
         for s in sites
     ]
-    headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "bits", "reason")
+    headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "bits", "rho",
+               "pred. gain", "reason")
     return tabulate(rows, headers=headers, tablefmt="simple")
 
 
@@ -66,3 +71,7 @@ def _bits(site: SiteReport) -> str:
     if not site.grade:
         return "-"
     return {"bitwise": "exact", "run-to-run": "within run-to-run"}.get(site.grade, "rounding differs")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"

@@ -1,37 +1,60 @@
 """Chunk plans: how many local heads each chunk of a site gets.
 
 Terms
-- chunk spec: what the user asked for, either a chunk count (split as evenly as possible, larger
-  chunks first: 5 heads in 2 chunks is 3+2) or explicit local-head counts per chunk.
+- chunk spec: what the user asked for: "auto" (the cost model picks per site), a chunk count
+  (split as evenly as possible, larger chunks first: 5 heads in 2 chunks is 3+2), or explicit
+  local-head counts per chunk.
+- unit: what a chunk holds whole: a local head, or under grouped-query attention a KV head with its
+  group of query heads.
 - plan: the chunk sizes chosen for one site, or the reason the site stays as it is.
 
 Steps:
 1. `validate_chunks` rejects malformed specs before any graph is touched (a clear error).
-2. `chunk_sizes` turns a valid spec into sizes for one site, or a skip reason when the spec does
-   not fit that site (more chunks than local heads, explicit sizes that do not sum to them).
-3. `plan_site` asks `exactness.judge` how close the chunked kernel stays to the unchunked one
+2. `chunk_sizes` turns a count or explicit sizes into sizes for one site, or a skip reason when the
+   spec does not fit that site (more chunks than units, sizes that do not sum to the heads).
+3. With "auto", `choose_chunks` predicts (`cost_model.predict_against`) the plain site and every even
+   split into 2..8 chunks that the exactness policy accepts, takes the fastest, and keeps it only if
+   it beats the plain site by more than the profile's model error; otherwise the site stays plain.
+4. `plan_site` asks `exactness.judge` how close the chunked kernel stays to the unchunked one
    (bitwise, within its run-to-run variation, or rounding only); a grade the exactness policy
    does not accept is a skip, an accepted one is planned and reported.
-The plan depends only on the graph's shapes, the kernel and the spec, so every rank reaches the
-same plan.
+The plan depends only on the graph's shapes, the kernel, the spec and the device profile, so ranks
+that hold the same profile (`hcms calibrate` and the backend make them agree) reach the same plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .cost_model import Prediction, SiteCost, predict, predict_against, site_cost
 from .exactness import BITWISE, Exactness, accepts, judge
 from .match import Site, value_of
 from .ops import attention_args
+from .profiles import DeviceProfile
 
-ChunkSpec = int | Sequence[int]
+AUTO = "auto"
+MAX_AUTO_CHUNKS = 8
+ChunkSpec = int | Sequence[int] | str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What "auto" decided for a site, and the predictions it compared."""
+
+    chunk_sizes: tuple[int, ...]  # local heads per chunk; one entry means leave the site alone
+    reason: str
+    plain: Prediction
+    best: Prediction  # the fastest accepted candidate (the plain site when there is none)
+    candidates: tuple[Prediction, ...]  # every accepted candidate, in increasing C
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
     chunk_sizes: tuple[int, ...]
     exactness: Exactness
+    prediction: Prediction | None = None  # with a profile: the predicted time of these chunks
+    choice: str = ""  # with "auto": why this chunk count
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -47,6 +70,8 @@ def _is_int(value: object) -> bool:
 
 
 def validate_chunks(chunks: object) -> ChunkSpec:
+    if chunks == AUTO:
+        return AUTO
     if _is_int(chunks):
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
@@ -61,7 +86,7 @@ def validate_chunks(chunks: object) -> ChunkSpec:
         if any(s < 1 for s in sizes):
             raise ValueError(f"every chunk needs at least one head, got {sizes}")
         return sizes
-    raise TypeError(f"chunks must be an int or a sequence of ints, got {type(chunks).__name__} {chunks!r}")
+    raise TypeError(f"chunks must be 'auto', an int or a sequence of ints, got {type(chunks).__name__} {chunks!r}")
 
 
 def even_split(heads: int, chunks: int) -> tuple[int, ...]:
@@ -70,7 +95,7 @@ def even_split(heads: int, chunks: int) -> tuple[int, ...]:
     return tuple(base + 1 if i < extra else base for i in range(chunks))
 
 
-def chunk_sizes(local_heads: int, chunks: ChunkSpec) -> tuple[int, ...] | str:
+def chunk_sizes(local_heads: int, chunks: int | Sequence[int]) -> tuple[int, ...] | str:
     """Local heads per chunk, or why the spec does not fit the site."""
     if _is_int(chunks):
         if chunks > local_heads:
@@ -85,9 +110,63 @@ def chunk_sizes(local_heads: int, chunks: ChunkSpec) -> tuple[int, ...] | str:
     return sizes
 
 
-def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE) -> ChunkPlan | str:
+def _percent(x: float) -> str:
+    return f"{x * 100:.1f}%" if abs(x) < 0.1 else f"{x * 100:.0f}%"
+
+
+def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int = 1,
+                  max_chunks: int = MAX_AUTO_CHUNKS,
+                  accept: Callable[[tuple[int, ...]], bool] | None = None) -> Choice:
+    """The chunk sizes (in local heads) for a site of `units` chunkable units of `group` query heads
+    each; `accept` drops candidates the exactness policy refuses."""
+    if units < 1 or group < 1 or max_chunks < 1:
+        raise ValueError(f"units, group and max_chunks must be >= 1, got {units}, {group}, {max_chunks}")
+    if units * group != cost.local_heads:
+        raise ValueError(f"{units} units of {group} heads do not make the site's {cost.local_heads} local heads")
+    plain = predict_against(cost, profile, (cost.local_heads,), None)
+    splits = [tuple(u * group for u in even_split(units, c)) for c in range(2, min(units, max_chunks) + 1)]
+    allowed = [sizes for sizes in splits if accept is None or accept(sizes)]
+    candidates = tuple(predict_against(cost, profile, sizes, plain) for sizes in allowed)
+    if not candidates:
+        what = "KV head" if group > 1 else "local head"
+        reason = f"one {what}: nothing to chunk" if not splits else "no chunking the exactness policy accepts"
+        return Choice((cost.local_heads,), reason, plain, plain, ())
+    best = candidates[0]
+    for candidate in candidates[1:]:
+        if candidate.time_s < best.time_s:  # strict: a tie keeps the smaller C
+            best = candidate
+    c = len(best.chunks)
+    if best.gain_s > 0 and best.gain_s >= profile.model_error * plain.time_s:
+        reason = f"C={c} predicted {_percent(best.gain)} faster (rho {_percent(plain.rho)})"
+        return Choice(best.chunks, reason, plain, best, candidates)
+    if plain.rho < profile.model_error:
+        reason = f"rho {_percent(plain.rho)}: nothing to hide"
+    elif best.gain_s <= 0:
+        reason = f"best C={c} predicted {_percent(-best.gain)} slower (rho {_percent(plain.rho)}): left alone"
+    else:
+        reason = f"best C={c} gains {_percent(best.gain)} < model error {_percent(profile.model_error)}: left alone"
+    return Choice((cost.local_heads,), reason, plain, best, candidates)
+
+
+def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
+              profile: DeviceProfile | None = None) -> ChunkPlan | str:
     """The plan for one site, or why it keeps its original form."""
+    # keys shared whole by every chunk (one KV head on the rank) are not in `site.heads`
+    query, key = (value_of(attention_args(site.attention, site.op)[name]) for name in ("query", "key"))
+
+    def verdict(sizes: tuple[int, ...]) -> Exactness:
+        return judge(site.kernel, query, key, sizes, backward=site.op.backward)
+
     group = site.kv_group
+    if chunks == AUTO:
+        if profile is None:
+            raise ValueError("chunks='auto' needs a device profile")
+        cost = site_cost(site)
+        choice = choose_chunks(cost, profile, site.local_heads // group, group,
+                               accept=lambda sizes: accepts(policy, verdict(sizes)))
+        if len(choice.chunk_sizes) == 1:
+            return f"auto: {choice.reason}"
+        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason)
     if group > 1:
         # grouped-query attention: a chunk holds whole groups of `group` query heads and their KV head
         if not isinstance(chunks, int) and any(size % group for size in chunks):
@@ -101,9 +180,8 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE) -> ChunkPlan
         sizes = chunk_sizes(site.local_heads, chunks)
     if isinstance(sizes, str):
         return sizes
-    # keys shared whole by every chunk (one KV head on the rank) are not in `site.heads`
-    query, key = (value_of(attention_args(site.attention, site.op)[name]) for name in ("query", "key"))
-    verdict = judge(site.kernel, query, key, sizes, backward=site.op.backward)
-    if not accepts(policy, verdict):
-        return f"chunking may change bits ({verdict.grade}: {verdict.why}); pass exact={verdict.grade!r} to allow it"
-    return ChunkPlan(sizes, verdict)
+    grade = verdict(sizes)
+    if not accepts(policy, grade):
+        return f"chunking may change bits ({grade.grade}: {grade.why}); pass exact={grade.grade!r} to allow it"
+    prediction = predict(site_cost(site), profile, sizes) if profile is not None else None
+    return ChunkPlan(sizes, grade, prediction)

@@ -27,8 +27,8 @@ def test_rejects_a_non_graph_module():
 @pytest.mark.parametrize("chunks, error, message", [
     (0, ValueError, "chunks must be >= 1, got 0"),
     (-3, ValueError, "chunks must be >= 1"),
-    (2.5, TypeError, "chunks must be an int or a sequence of ints, got float"),
-    (True, TypeError, "chunks must be an int or a sequence of ints, got bool"),
+    (2.5, TypeError, "chunks must be 'auto', an int or a sequence of ints, got float"),
+    (True, TypeError, "chunks must be 'auto', an int or a sequence of ints, got bool"),
     ("2", TypeError, "got str"),
     ((), ValueError, "must not be empty"),
     ((2, 1.0), TypeError, "chunk sizes must be integers, got 1.0"),

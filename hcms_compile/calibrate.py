@@ -1,0 +1,392 @@
+"""`hcms calibrate`: measure this machine's `DeviceProfile` on every rank, and make the ranks agree on it.
+
+Terms
+- timing: a warm-up, then the median of `repeats` runs, the runs of one kind taking turns; each
+  all-to-all starts after a barrier (all ranks start it together), and every run ends after the
+  device is synchronised (CUDA runs asynchronously).
+- bytes crossing: bytes * (P-1)/P of an all-to-all buffer, the part that leaves the rank.
+- agreement: ranks time things differently (a slower link, a busier core), but every rank must make
+  the same plan from the same graph, or their collectives stop matching. `agree` takes the most
+  pessimistic value of every number over the group (max of latencies, min of rates) and rank 0's
+  name and source, so every rank holds the same profile, bit for bit.
+
+Steps of `calibrate(group, sizes, repeats, device)`, run on every rank of an initialised group:
+1. All-to-all: time `all_to_all_single` at each buffer size and fit time = latency + crossing /
+   bandwidth by least squares (through the origin when noise makes the fit meaningless). At world
+   size 1 nothing crosses, so the bandwidth is the built-in estimate's.
+2. Attention: time SDPA at a tiny and at a large shape; the two give the fixed cost per call and
+   the FLOP rate.
+3. Copies: time a layout copy (a permuted `contiguous`) of a large tensor; read and write count.
+4. Contention is not measured: it is the built-in estimate's for the device. The model error is a
+   fixed 5%: the pipeline model has not been checked against measured overlap, so it is not
+   derived from these timings.
+5. `agree` on the result.
+
+`main_calibrate(args)` runs those steps under torchrun (RANK and WORLD_SIZE set; NCCL on CUDA) or
+in `args.ranks` spawned CPU processes joined by gloo, and saves the profile where `load_profile`
+looks for it: `$HCMS_PROFILE`, else `~/.cache/hcms_compile/profile-<device>-w<world>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from .passes.profiles import DeviceProfile, default_profile
+
+FORMAT = 1
+MODEL_ERROR = 0.05
+_WARMUP = 2
+# per device type: all-to-all buffer bytes per rank, tokens of the large attention shape, copy bytes
+_DEFAULT_SIZES = {"cpu": (1 << 16, 1 << 19, 1 << 21, 1 << 23), "cuda": (1 << 20, 1 << 23, 1 << 25, 1 << 27)}
+_DEFAULT_TOKENS = {"cpu": 512, "cuda": 8192}
+_COPY_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}  # past the caches
+_ATTENTION_HEADS = {"cpu": 4, "cuda": 16}
+_HEAD_DIM = {"cpu": 64, "cuda": 128}
+
+
+# -- devices and paths ---------------------------------------------------------------------------
+
+
+def device_slug(device: torch.device) -> str:
+    """"cpu", or the CUDA device's name in lower case with dashes: "nvidia-h200"."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def profile_path(device: str, world_size: int | None) -> Path:
+    """Where a profile is saved and looked for: `$HCMS_PROFILE`, else one file per device and world size."""
+    override = os.environ.get("HCMS_PROFILE")
+    if override:
+        return Path(override).expanduser()
+    world = f"-w{world_size}" if world_size is not None else ""
+    return Path.home() / ".cache" / "hcms_compile" / f"profile-{device}{world}.json"
+
+
+def save_profile(profile: DeviceProfile, path: str | os.PathLike[str] | None = None) -> Path:
+    """Write `profile` as JSON (with the torch version and the date); returns the path written."""
+    target = Path(path) if path is not None else profile_path(profile.name, profile.world_size)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format": FORMAT, "torch": torch.__version__,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "world_size": profile.world_size, "profile": profile.to_json()}
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    partial.replace(target)  # readers never see half a file
+    return target
+
+
+def load_profile(path: str | os.PathLike[str] | None = None, *, device: str | None = None,
+                 world_size: int | None = None) -> DeviceProfile | None:
+    """The saved profile, or None when there is none.
+
+    Without `path`: `$HCMS_PROFILE`, else the file for `device` (this process's: "cpu" or the CUDA
+    device's slug) and `world_size` (the default group's, when one is initialised).
+    """
+    if path is None:
+        if device is None:
+            device = device_slug(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        if world_size is None and dist.is_initialized():
+            world_size = dist.get_world_size()
+        path = profile_path(device, world_size)
+    source = Path(path)
+    if not source.is_file():
+        return None
+    try:
+        record = json.loads(source.read_text())
+        if record.get("format") != FORMAT:
+            raise ValueError(f"format {record.get('format')!r}, this version reads format {FORMAT}")
+        return DeviceProfile.from_json(record["profile"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{source} is not a saved hcms profile: {err}") from None
+
+
+def resolve_profile(profile: DeviceProfile | str | os.PathLike[str] | None, device: torch.device,
+                    world_size: int | None) -> DeviceProfile:
+    """The profile the planner uses: `profile` itself, or the file it names; else the one `hcms
+    calibrate` saved for this device and world size; else the built-in estimate for the device."""
+    if isinstance(profile, DeviceProfile):
+        return profile
+    if profile is not None:
+        found = load_profile(profile)
+        if found is None:
+            raise FileNotFoundError(f"no hcms profile at {profile}")
+        return found
+    found = load_profile(device=device_slug(device), world_size=world_size)
+    if found is not None:
+        return found
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(device) if kind == "cuda" else ""
+    return default_profile(kind, name, _interconnect(device, world_size or 1))
+
+
+def agree_if_distributed(profile: DeviceProfile) -> DeviceProfile:
+    """`agree` over the default group when there is a real one to agree over; else `profile`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() == "fake":
+        return profile
+    return agree(profile)
+
+
+def render_profile(profile: DeviceProfile) -> str:
+    rows = [
+        ("all-to-all bandwidth", f"{profile.a2a_bandwidth / 1e9:.3g} GB/s crossing"),
+        ("all-to-all latency", f"{profile.a2a_latency * 1e6:.3g} us"),
+        ("attention", f"{profile.attention_flops / 1e12:.3g} TFLOP/s"),
+        ("attention latency", f"{profile.attention_latency * 1e6:.3g} us"),
+        ("copy bandwidth", f"{profile.copy_bandwidth / 1e9:.3g} GB/s read+write"),
+        ("contention", f"{profile.contention:.2f}"),
+        ("model error", f"{profile.model_error:.1%}"),
+        ("world size", str(profile.world_size)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"profile {profile.name} ({'estimate' if profile.estimate else 'measured'})"]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines) + f"\n  source: {profile.source}"
+
+
+# -- steps 1-3: timings ----------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _medians(runs: Sequence[Callable[[], object]], repeats: int, device: torch.device,
+             group: dist.ProcessGroup | None = None) -> list[float]:
+    """Median seconds of each run; the runs take turns, so a passing disturbance hits them all alike."""
+    for _ in range(_WARMUP):
+        for run in runs:
+            run()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, samples in zip(runs, times, strict=True):
+            if group is not None:
+                dist.barrier(group=group)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line; through the origin when either comes out non-positive."""
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx > 0:
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+        intercept = mean_y - slope * mean_x
+        if slope > 0 and intercept >= 0:
+            return intercept, slope
+    return 0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+
+
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    """Where the group's collectives take tensors: CUDA for NCCL, the CPU for gloo."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _time_all_to_all(group: dist.ProcessGroup, sizes: Sequence[int], repeats: int) -> tuple[float, float | None]:
+    """(latency, bandwidth) of an all-to-all; the bandwidth is None at world size 1, where nothing crosses."""
+    world = dist.get_world_size(group)
+    device = _group_device(group)
+    numels = [max(world, size // 4 // world * world) for size in sizes]  # float32, an even split over the ranks
+    buffers = [(torch.ones(n, device=device), torch.empty(n, device=device)) for n in numels]
+    runs = [lambda s=send, r=recv: dist.all_to_all_single(r, s, group=group) for send, recv in buffers]
+    times = _medians(runs, repeats, device, group)
+    if world == 1:  # a local copy: its fixed cost is the latency, its rate says nothing of a link
+        return _fit_line([n * 4 for n in numels], times)[0], None
+    latency, slope = _fit_line([n * 4 * (world - 1) / world for n in numels], times)
+    return latency, 1 / slope
+
+
+def _time_attention(device: torch.device, kind: str, tokens: int, repeats: int) -> tuple[float, float, str]:
+    """(fixed seconds per call, FLOP/s, what was timed) on `device`, of `kind` cpu or cuda."""
+    dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    heads, dim = _ATTENTION_HEADS[kind], _HEAD_DIM[kind]
+    shapes = [(1, 1, min(64, tokens), dim), (1, heads, tokens, dim)]
+    inputs = [[torch.randn(shape, device=device, dtype=dtype) for _ in range(3)] for shape in shapes]
+    runs = [lambda qkv=qkv: F.scaled_dot_product_attention(*qkv) for qkv in inputs]
+    times = _medians(runs, repeats, device)
+    flops = [4.0 * b * h * s * s * d for b, h, s, d in shapes]
+    latency, per_flop = _fit_line(flops, times)
+    what = f"SDPA {str(dtype).removeprefix('torch.')} at B,H,S,D = {shapes[0]} and {shapes[1]}"
+    return latency, 1 / per_flop, what
+
+
+def _time_copy(device: torch.device, nbytes: int, repeats: int) -> float:
+    """Read+write bytes per second of a permuted copy, the kind layout ops make."""
+    x = torch.ones(4, max(1, nbytes // 4 // 4 // 64), 64, device=device)
+    (seconds,) = _medians([lambda: x.permute(1, 0, 2).contiguous()], repeats, device)
+    return 2 * x.numel() * x.element_size() / seconds
+
+
+# -- steps 4-5 -------------------------------------------------------------------------------------
+
+
+def _interconnect(device: torch.device, world: int) -> str:
+    # torch cannot tell NVLink from PCIe; a group larger than one host's ranks crosses the network
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return "ib" if device.type == "cuda" and local < world else "nvlink"
+
+
+def calibrate(group: dist.ProcessGroup | None = None, sizes: Sequence[int] | None = None, repeats: int = 5,
+              device: torch.device | str | None = None, *, attention_tokens: int | None = None,
+              interconnect: str | None = None) -> DeviceProfile:
+    """Measure a profile on every rank of `group` (default: the world); every rank returns the same one.
+
+    `sizes` are all-to-all buffer bytes per rank; `device` (default: the group's) runs attention and
+    copies; `interconnect` (nvlink, pcie, ib) picks the built-in contention estimate.
+    """
+    group = group if group is not None else dist.group.WORLD
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device) if device is not None else _group_device(group)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    sizes = tuple(sizes) if sizes is not None else _DEFAULT_SIZES[kind]
+    if not sizes or any(s < 4 for s in sizes):
+        raise ValueError(f"sizes must be all-to-all buffer sizes of at least 4 bytes, got {sizes}")
+    tokens = attention_tokens or _DEFAULT_TOKENS[kind]
+    world = dist.get_world_size(group)
+    builtin = default_profile(kind, torch.cuda.get_device_name(device) if kind == "cuda" else "",
+                              interconnect or _interconnect(device, world))
+
+    a2a_latency, a2a_bandwidth = _time_all_to_all(group, sizes, repeats)
+    attention_latency, attention_flops, attention_what = _time_attention(device, kind, tokens, repeats)
+    copy_bandwidth = _time_copy(device, min(_COPY_BYTES[kind], 64 * max(sizes)), repeats)
+
+    if a2a_bandwidth is None:
+        a2a_bandwidth = builtin.a2a_bandwidth
+        exchange_what = f"all-to-all latency from buffers of {list(sizes)} bytes; at world size 1 nothing " \
+                        f"crosses, so the bandwidth is {builtin.name}'s estimate"
+    else:
+        exchange_what = f"all-to-all fitted over buffers of {list(sizes)} bytes per rank"
+    profile = DeviceProfile(
+        name=device_slug(device), a2a_bandwidth=a2a_bandwidth, a2a_latency=a2a_latency,
+        attention_flops=attention_flops, attention_latency=attention_latency, copy_bandwidth=copy_bandwidth,
+        contention=builtin.contention, model_error=MODEL_ERROR, estimate=False,
+        world_size=world,
+        source=(f"measured by hcms calibrate on {world} rank(s) over {dist.get_backend(group)}, torch "
+                f"{torch.__version__}, median of {repeats}: {exchange_what}; {attention_what}; a permuted copy; "
+                f"slowest rank's figures. Contention {builtin.contention} is not measured: it is the "
+                f"{builtin.name} estimate"),
+    )
+    return agree(profile, group)
+
+
+def agree(profile: DeviceProfile, group: dist.ProcessGroup | None = None) -> DeviceProfile:
+    """The same profile on every rank: the largest latencies, contention and error, the smallest rates.
+
+    Max and min are exact, so every rank ends with bitwise-equal numbers and hence the same plans.
+    """
+    group = group if group is not None else dist.group.WORLD
+    device = _group_device(group)
+    # one MAX reduction: rates enter negated, so their max is minus the smallest rate
+    values = torch.tensor([profile.a2a_latency, profile.attention_latency, profile.contention, profile.model_error,
+                           float(profile.estimate), -profile.a2a_bandwidth, -profile.attention_flops,
+                           -profile.copy_bandwidth], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    a2a_latency, attention_latency, contention, model_error, estimate, *rates = values.tolist()
+    a2a_bandwidth, attention_flops, copy_bandwidth = (-rate for rate in rates)
+    labels: list[object] = [(profile.name, profile.source, profile.world_size)]
+    dist.broadcast_object_list(labels, group=group, group_src=0, device=device)
+    name, source, world_size = labels[0]
+    return DeviceProfile(name=name, a2a_bandwidth=a2a_bandwidth, a2a_latency=a2a_latency,
+                         attention_flops=attention_flops, attention_latency=attention_latency,
+                         copy_bandwidth=copy_bandwidth, contention=contention, model_error=model_error,
+                         estimate=bool(estimate), source=source, world_size=world_size)
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrateArgs:
+    ranks: int = 2  # spawned CPU ranks when not under torchrun
+    sizes: tuple[int, ...] | None = None
+    repeats: int = 5
+    attention_tokens: int | None = None
+    interconnect: str | None = None
+    backend: str | None = None  # under torchrun; default NCCL where CUDA is available, else gloo
+    out: str | None = None  # where to save; default `profile_path`
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _measure(args: CalibrateArgs) -> DeviceProfile:
+    return calibrate(sizes=args.sizes, repeats=args.repeats, attention_tokens=args.attention_tokens,
+                     interconnect=args.interconnect)
+
+
+def _torchrun_main(args: CalibrateArgs) -> DeviceProfile:
+    started = not dist.is_initialized()
+    if started:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(args.backend or ("nccl" if cuda else "gloo"))
+    profile = _measure(args)
+    if dist.get_rank() == 0:
+        path = save_profile(profile, args.out)
+        print(f"{render_profile(profile)}\nsaved to {path}")
+    if started:
+        dist.barrier()
+        dist.destroy_process_group()
+    return profile
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_rank(rank: int, port: int, args: CalibrateArgs, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
+    torch.set_num_threads(1)  # one core per rank, as `hcms demo` runs them
+    profile = _measure(args)
+    if rank == 0:
+        save_profile(profile, path)
+        print(f"{render_profile(profile)}\nsaved to {path}")
+    dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo threads can abort interpreter teardown (pytorch/pytorch#179291)
+
+
+def main_calibrate(args: CalibrateArgs) -> DeviceProfile:
+    """Calibrate under torchrun, or on `args.ranks` spawned gloo CPU processes; save and return the profile."""
+    if _under_torchrun():
+        return _torchrun_main(args)
+    if args.ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {args.ranks}")
+    path = Path(args.out) if args.out is not None else profile_path("cpu", args.ranks)
+    mp.spawn(_spawned_rank, args=(_free_port(), args, str(path)), nprocs=args.ranks, join=True)
+    profile = load_profile(path)
+    if profile is None:
+        raise RuntimeError(f"calibration finished but wrote no profile to {path}")
+    return profile
+

@@ -1,0 +1,163 @@
+"""Device profiles: the few numbers the cost model needs about a machine and its interconnect.
+
+Terms
+- profile: `DeviceProfile`, one machine kind at one world size: how fast an all-to-all, an attention
+  kernel and a layout copy run there, how much overlapped communication slows compute down
+  (contention), and how far predictions may be off (model error, the planner's margin).
+- bytes crossing: the part of an all-to-all buffer that leaves the rank, bytes * (P-1)/P; the rest
+  stays local. An all-to-all takes `a2a_latency + bytes_crossing / a2a_bandwidth`.
+- contention: with NCCL the all-to-all runs as kernels that occupy SMs, so attention running beside
+  it is slower (BACKGROUND.md: flashinfer's overlap lost on full NVLink for that reason). Modelled as
+  compute progressing at rate 1 - contention while an exchange is in flight: overlapped
+  communication time t adds contention * t to compute.
+- estimate: a built-in profile whose numbers come from data sheets and BACKGROUND.md, not from this
+  machine; `hcms calibrate` (hcms_compile/calibrate.py) measures a real one.
+
+Steps of `default_profile(device_type, device_name, interconnect)`:
+1. CPU devices get the gloo profile, whatever the interconnect.
+2. CUDA devices are recognised by name (H100, H200); anything else gets H100 figures, renamed, with
+   a `source` saying so.
+3. The interconnect (nvlink, pcie, ib) picks the exchange figures and the contention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+INTERCONNECTS = ("nvlink", "pcie", "ib")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    a2a_bandwidth: float  # bytes/s crossing the network for one rank in an all-to-all
+    a2a_latency: float  # s per all-to-all call
+    attention_flops: float  # FLOP/s of the attention kernel
+    attention_latency: float  # s of fixed cost per attention kernel call
+    copy_bandwidth: float  # bytes/s read plus written by a layout copy: copying N bytes takes 2N / this
+    contention: float  # in [0, 1]: fraction of overlapped communication time added to compute
+    model_error: float  # relative error of predictions; a chunking must win by more than this
+    estimate: bool  # True for built-in guesses, False for measured profiles
+    source: str  # how the numbers were obtained
+    world_size: int | None = None  # the world size the profile was measured at, if measured
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"DeviceProfile.name must be a non-empty string, got {self.name!r}")
+        for field in ("a2a_bandwidth", "attention_flops", "copy_bandwidth"):
+            _check_number(field, getattr(self, field), positive=True)
+        for field in ("a2a_latency", "attention_latency", "model_error"):
+            _check_number(field, getattr(self, field), positive=False)
+        _check_number("contention", self.contention, positive=False)
+        if self.contention > 1:
+            raise ValueError(f"DeviceProfile.contention must be in [0, 1], got {self.contention!r}")
+        if not isinstance(self.estimate, bool):
+            raise ValueError(f"DeviceProfile.estimate must be a bool, got {self.estimate!r}")
+        if not isinstance(self.source, str):
+            raise ValueError(f"DeviceProfile.source must be a string, got {self.source!r}")
+        ws = self.world_size
+        if ws is not None and (not isinstance(ws, int) or isinstance(ws, bool) or ws < 1):
+            raise ValueError(f"DeviceProfile.world_size must be None or an int >= 1, got {ws!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceProfile:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown DeviceProfile field(s) {unknown}; expected {sorted(names)}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"DeviceProfile is missing field(s) {missing}")
+        return cls(**data)
+
+
+def _check_number(field: str, value: Any, positive: bool) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not is_number or value < 0 or (positive and value == 0):
+        want = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"DeviceProfile.{field} must be {want}, got {value!r}")
+
+
+# -- built-in estimates ---------------------------------------------------------------------------
+
+# Attention: BACKGROUND.md measured cuDNN bf16 attention at 560-680 TFLOP/s on one H200 (H=40, D=128,
+# 16K-56K tokens), and `hcms calibrate` 685-694 TFLOP/s (H=16, D=128, 8192 tokens, torch 2.11). The H100 SXM
+# has the same GH100 compute (132 SMs, 989 TFLOP/s dense bf16) and the kernel is compute-bound at these
+# lengths, so both use 600 TFLOP/s, the low side: causal masks and short sequences run slower.
+_HOPPER_ATTENTION = 600e12
+_ATTENTION_LATENCY = 10e-6  # a launch plus a partly filled last wave, inside a compiled graph
+# Layout copies are permuted copies: `hcms calibrate` measured 2.5 TB/s read+write on an H200 (of 4.8 TB/s
+# HBM3e); the H100's is scaled by its 3.35 TB/s of HBM3.
+_COPY = {"h100": 1.75e12, "h200": 2.5e12}
+_LINKS = {  # interconnect: (bandwidth, latency, contention, what the numbers are)
+    "nvlink": (360e9, 35e-6, 0.35,
+               "NVLink 4 moves about 450 GB/s per direction per GPU; NCCL all-to-all reaches about 80% "
+               "of it (360 GB/s); 35 us per call is the top of the 28-36 us `hcms calibrate` measured for "
+               "NCCL's all-to-all at world size 1 on an H200 (launch, synchronise), a floor for more ranks. "
+               "Contention 0.35: NCCL drives NVLink with SM-resident kernels that take SMs from attention "
+               "(flashinfer #5027 lost 7% overlapping on NVLink for that reason)"),
+    "pcie": (40e9, 40e-6, 0.15,
+             "PCIe Gen5 x16 carries about 50 GB/s per direction in practice; GPUs of one host share "
+             "switch uplinks in an all-to-all, so 40 GB/s is assumed. Contention 0.15: at this rate "
+             "NCCL runs few channels and takes few SMs"),
+    "ib": (45e9, 60e-6, 0.15,
+           "one 400 Gb/s NDR InfiniBand NIC per GPU gives about 45 GB/s per direction after protocol "
+           "overhead; latency is higher across nodes. Contention 0.15: NCCL's network path uses few SMs"),
+}
+_ESTIMATE_ERROR = 0.10  # built-in guesses: a chunking must be predicted >10% faster to be chosen
+
+# Measured on the 2-core development machine with `hcms calibrate` (2 gloo ranks, one thread each, three
+# runs) and rounded: all-to-all 1.6-1.75 GB/s crossing and 50-170 us, SDPA 40 GFLOP/s, permuted copies
+# of 64 MB 2.5-3 GB/s read+write; the fitted fixed cost of SDPA came out near zero, so 10 us is assumed.
+_CPU_GLOO = dict(a2a_bandwidth=1.5e9, a2a_latency=100e-6, attention_flops=40e9, attention_latency=10e-6,
+                 copy_bandwidth=2.5e9)
+
+
+def _hopper(gpu: str, link: str) -> DeviceProfile:
+    bandwidth, latency, contention, why = _LINKS[link]
+    return DeviceProfile(
+        name=f"{gpu}-{link}", a2a_bandwidth=bandwidth, a2a_latency=latency, attention_flops=_HOPPER_ATTENTION,
+        attention_latency=_ATTENTION_LATENCY, copy_bandwidth=_COPY[gpu], contention=contention,
+        model_error=_ESTIMATE_ERROR, estimate=True,
+        source=(f"built-in estimate for {gpu.upper()} over {link}: attention 600 TFLOP/s from BACKGROUND.md's "
+                f"560-680 TFLOP/s measured on an H200; permuted copies at {_COPY[gpu] / 1e12:.2f} TB/s read+write "
+                f"(measured on an H200{'' if gpu == 'h200' else ', scaled by HBM bandwidth'}); {why}. "
+                "Run `hcms calibrate` for measured figures"),
+    )
+
+
+BUILTIN_PROFILES: dict[str, DeviceProfile] = {
+    "cpu-gloo": DeviceProfile(
+        name="cpu-gloo", **_CPU_GLOO, contention=0.8, model_error=_ESTIMATE_ERROR, estimate=True,
+        source=("built-in estimate for CPU ranks over gloo, rounded from `hcms calibrate` on a 2-core machine "
+                "(2 ranks, 1 thread each): all-to-all 1.5 GB/s crossing and 100 us per call, fp32 SDPA "
+                "40 GFLOP/s per thread, permuted copies 2.5 GB/s read+write. Contention 0.8 is a guess, not "
+                "measured: gloo moves bytes with CPU threads (copies, loopback TCP) on the cores attention uses"),
+    ),
+    **{f"{gpu}-{link}": _hopper(gpu, link) for gpu in ("h100", "h200") for link in INTERCONNECTS},
+}
+
+
+def default_profile(device_type: str, device_name: str = "", interconnect: str = "nvlink") -> DeviceProfile:
+    """The built-in profile for a device: `device_type` "cpu" or "cuda", `device_name` as CUDA reports it."""
+    if device_type == "cpu":
+        return BUILTIN_PROFILES["cpu-gloo"]
+    if device_type != "cuda":
+        raise ValueError(f"no built-in profile for device type {device_type!r}; expected 'cpu' or 'cuda'")
+    if interconnect not in INTERCONNECTS:
+        raise ValueError(f"interconnect must be one of {INTERCONNECTS}, got {interconnect!r}")
+    upper = device_name.upper()
+    for gpu in ("h200", "h100"):
+        if gpu.upper() in upper:
+            return BUILTIN_PROFILES[f"{gpu}-{interconnect}"]
+    base = BUILTIN_PROFILES[f"h100-{interconnect}"]
+    label = device_name or "an unnamed CUDA device"
+    return dataclasses.replace(base, name=f"cuda-{interconnect}",
+                               source=f"{label} is not a known GPU, so H100 figures are assumed: {base.source}")

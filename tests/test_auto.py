@@ -1,0 +1,143 @@
+"""chunks="auto": the cost model's choice per site, the exactness policy inside it, and ranks that
+timed their machines differently still reaching one plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hcms_compile.passes.cost_model import site_cost
+from hcms_compile.passes.match import Site, match_sites
+from hcms_compile.passes.profiles import BUILTIN_PROFILES, DeviceProfile
+
+import hcms_compile
+from hcms_compile.backend import HcmsOptions
+from hcms_compile.testing.strategies import UlyssesCase
+from hcms_compile.testing.tracing import trace
+
+BASE = BUILTIN_PROFILES["cpu-gloo"]
+FAST_LINK = dataclasses.replace(BASE, name="fast-link", a2a_bandwidth=1e13, a2a_latency=0.0, contention=0.0)
+
+
+def _balanced(gm) -> DeviceProfile:
+    """A profile on which the graph's site spends as long exchanging as attending, with no fixed
+    costs: the case where pipelining pays most."""
+    site = next(s for s in match_sites(gm.graph) if isinstance(s, Site))
+    cost = site_cost(site)
+    crossing = sum(cost.input_bytes + cost.output_bytes) * (site.world_size - 1) / site.world_size
+    bandwidth = 1e9
+    return dataclasses.replace(BASE, name="balanced", a2a_bandwidth=bandwidth, a2a_latency=0.0,
+                               attention_latency=0.0, attention_flops=cost.attention_flops * bandwidth / crossing,
+                               copy_bandwidth=1e15, contention=0.0, model_error=0.05)
+
+
+def _graph(tokens_per_rank: int = 64):
+    case = UlyssesCase("funcol", 4, 1, 6, tokens_per_rank, 16, torch.float32, False, 2)
+    return trace(case.function(), case.example_inputs(), "make_fx")
+
+
+
+def test_auto_chunks_where_communication_can_be_hidden():
+    (site,) = hcms_compile.rewrite(_graph(), profile=_balanced(_graph())).sites
+    assert site.rewritten and len(site.chunk_sizes) > 1
+    assert site.choice.startswith(f"C={len(site.chunk_sizes)} predicted") and "faster" in site.choice
+    assert abs(site.rho - 0.5) < 1e-9 and site.predicted_gain >= 0.05
+
+
+def test_auto_leaves_a_site_alone_when_there_is_nothing_to_hide():
+    result = hcms_compile.rewrite(_graph(), profile=FAST_LINK)
+    (site,) = result.sites
+    assert not site.rewritten and site.reason.startswith("auto: rho ") and "nothing to hide" in site.reason
+    assert result.graph_module.code == _graph().code
+
+
+def test_auto_only_considers_chunkings_the_exactness_policy_accepts():
+    # 2 ranks x 5 tokens: the CPU flash scratch is misaligned, every chunking is a rounding change
+    case = UlyssesCase("funcol", 2, 1, 4, 5, 8, torch.float32, False, 2)
+    gm = trace(case.function(), case.example_inputs(), "make_fx")
+    (strict,) = hcms_compile.rewrite(gm, profile=_balanced(gm)).sites
+    assert not strict.rewritten and strict.reason == "auto: no chunking the exactness policy accepts"
+    (loose,) = hcms_compile.rewrite(gm, profile=_balanced(gm), exact="rounding").sites
+    assert loose.rewritten and loose.grade == "rounding"
+
+
+def test_explicit_chunks_report_the_prediction_too():
+    (site,) = hcms_compile.rewrite(_graph(), chunks=3, profile=FAST_LINK).sites
+    assert site.chunk_sizes == (2, 2, 2) and site.predicted_gain < 0 and site.choice == ""
+    assert "pred. gain" in hcms_compile.rewrite(_graph(), chunks=3, profile=FAST_LINK).table()
+
+
+def test_a_saved_profile_is_found_by_path_and_by_environment(tmp_path, monkeypatch):
+    from hcms_compile.calibrate import save_profile
+
+    path = save_profile(_balanced(_graph()), tmp_path / "p.json")
+    assert hcms_compile.rewrite(_graph(), profile=str(path)).sites[0].rewritten
+    monkeypatch.setenv("HCMS_PROFILE", str(path))
+    assert hcms_compile.rewrite(_graph()).sites[0].rewritten  # the built-in CPU estimate would not chunk
+    monkeypatch.setenv("HCMS_PROFILE", str(tmp_path / "missing.json"))
+    assert not hcms_compile.rewrite(_graph()).sites[0].rewritten
+
+
+def test_the_cache_key_holds_the_profile_only_when_the_plan_depends_on_it():
+    auto = [HcmsOptions(chunks="auto", profile=p).key() for p in (BASE, FAST_LINK)]
+    fixed = [HcmsOptions(chunks=2, profile=p).key() for p in (BASE, FAST_LINK)]
+    assert auto[0] != auto[1] and fixed[0] == fixed[1]
+
+
+# -- ranks that measured different profiles ---------------------------------------------------
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _attend(group, q, k, v):
+    from hcms_compile.testing.layouts import attn_funcol
+
+    return attn_funcol(q, k, v, group)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    from hcms_compile.calibrate import save_profile
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    group = dist.group.WORLD
+    local = [torch.randn(1, 64, 8, 16, generator=torch.Generator().manual_seed(rank)) for _ in range(3)]
+    gm = trace(functools.partial(_attend, group), local)
+    # each rank calibrated on its own and saved a different profile: rank 0 saw a slower link
+    balanced = _balanced(gm)
+    mine = balanced if rank == 0 else dataclasses.replace(balanced, name="fast-link", a2a_bandwidth=1e15)
+    os.environ["HCMS_PROFILE"] = str(save_profile(mine, os.path.join(out_dir, f"profile{rank}.json")))
+    alone = hcms_compile.rewrite(gm).sites[0]
+    backend = hcms_compile.make_backend(inner="aot_eager")  # chunks="auto" is the default
+    out = torch.compile(functools.partial(_attend, group), backend=backend)(*local)
+    (site,) = backend.reports[0].sites
+    torch.save({"alone": alone.chunk_sizes, "backend": site.chunk_sizes, "choice": site.choice,
+                "out": out, "want": _attend(group, *local)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo threads can abort interpreter teardown (pytorch/pytorch#179291)
+
+
+def test_ranks_with_different_saved_profiles_reach_one_plan(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    # on its own, each rank's profile plans differently: that is what would hang the collectives
+    assert ranks[0]["alone"] != ranks[1]["alone"]
+    # the backend makes them agree (the most pessimistic link) before planning
+    assert ranks[0]["backend"] == ranks[1]["backend"] and len(ranks[0]["backend"]) > 1
+    assert ranks[0]["choice"] == ranks[1]["choice"]
+    for r in ranks:
+        assert torch.equal(r["out"], r["want"])
+
