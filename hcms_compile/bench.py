@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import sys
 import time
@@ -49,7 +48,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch import Tensor, nn
@@ -57,6 +55,7 @@ from torch import Tensor, nn
 from . import __version__, bench_plot
 from .backend import HcmsBackend, make_backend
 from .models import UlyssesBlock, UlyssesConfig
+from .spawn import leave_gloo, spawn_gloo, under_torchrun
 from .testing.layouts import attn_funcol
 
 HELP = "time Ulysses attention eager, compiled, HCMS-chunked and as ring attention over sequence lengths"
@@ -687,32 +686,8 @@ def _bench_and_report(cfg: BenchConfig, device: torch.device) -> None:
         _report(cfg, results)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned_rank(rank: int, port: int, ranks: int, cfg: BenchConfig) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=ranks)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))  # ranks share this machine's cores
+def _spawned_rank(rank: int, cfg: BenchConfig) -> None:
     _bench_and_report(cfg, torch.device("cpu"))
-    _shut_down_gloo()
-
-
-def _shut_down_gloo() -> None:
-    dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
-    dist.destroy_process_group()
-    # Gloo worker threads can still hold tensors at interpreter teardown and abort the process
-    # (pytorch/pytorch#179291); everything is written, so skip the teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _under_torchrun() -> bool:
-    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def _run_torchrun(cfg: BenchConfig) -> None:
@@ -728,7 +703,7 @@ def _run_torchrun(cfg: BenchConfig) -> None:
         dist.barrier()
         dist.destroy_process_group()
     else:
-        _shut_down_gloo()
+        leave_gloo()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,7 +799,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     except bench_plot.MatplotlibMissing as exc:
         print(f"hcms bench: {exc}", file=sys.stderr)
         return 2
-    torchrun = _under_torchrun()
+    torchrun = under_torchrun()
     on_gpu = torchrun and torch.cuda.is_available()
     world = int(os.environ["WORLD_SIZE"]) if torchrun else args.ranks
     cfg = config_from_args(args, on_gpu, sys.argv)
@@ -836,5 +811,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if torchrun:
         _run_torchrun(cfg)
     else:
-        mp.spawn(_spawned_rank, args=(_free_port(), world, cfg), nprocs=world, join=True)
+        # the ranks share this machine's cores
+        spawn_gloo(_spawned_rank, world, cfg, threads=max(1, (os.cpu_count() or 1) // world))
     return 0

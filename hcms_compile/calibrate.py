@@ -32,9 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,10 +41,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from .passes.profiles import DeviceProfile, default_profile
+from .spawn import spawn_gloo, under_torchrun
 
 FORMAT = 1
 MODEL_ERROR = 0.05
@@ -331,10 +329,6 @@ class CalibrateArgs:
     out: str | None = None  # where to save; default `profile_path`
 
 
-def _under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def _measure(args: CalibrateArgs) -> DeviceProfile:
     return calibrate(sizes=args.sizes, repeats=args.repeats, attention_tokens=args.attention_tokens,
                      interconnect=args.interconnect)
@@ -357,34 +351,21 @@ def _torchrun_main(args: CalibrateArgs) -> DeviceProfile:
     return profile
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned_rank(rank: int, port: int, args: CalibrateArgs, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
-    torch.set_num_threads(1)  # one core per rank, as `hcms demo` runs them
+def _spawned_rank(rank: int, args: CalibrateArgs, path: str) -> None:
     profile = _measure(args)
     if rank == 0:
         save_profile(profile, path)
         print(f"{render_profile(profile)}\nsaved to {path}")
-    dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # gloo threads can abort interpreter teardown (pytorch/pytorch#179291)
 
 
 def main_calibrate(args: CalibrateArgs) -> DeviceProfile:
     """Calibrate under torchrun, or on `args.ranks` spawned gloo CPU processes; save and return the profile."""
-    if _under_torchrun():
+    if under_torchrun():
         return _torchrun_main(args)
     if args.ranks < 1:
         raise ValueError(f"ranks must be >= 1, got {args.ranks}")
     path = Path(args.out) if args.out is not None else profile_path("cpu", args.ranks)
-    mp.spawn(_spawned_rank, args=(_free_port(), args, str(path)), nprocs=args.ranks, join=True)
+    spawn_gloo(_spawned_rank, args.ranks, args, str(path))  # one core per rank, as `hcms demo` runs them
     profile = load_profile(path)
     if profile is None:
         raise RuntimeError(f"calibration finished but wrote no profile to {path}")

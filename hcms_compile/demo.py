@@ -9,19 +9,16 @@ show cost, not the overlap a GPU cluster gains).
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from .backend import make_backend
 from .models import UlyssesConfig, UlyssesTransformer
+from .spawn import spawn_gloo
 
 
 @dataclass(frozen=True)
@@ -33,12 +30,6 @@ class DemoArgs:
     repeats: int = 5
     inner: str = "inductor"
     config: UlyssesConfig = UlyssesConfig()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _median_ms(step, repeats: int) -> float:
@@ -57,19 +48,6 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     out = model(x)
     out.sum().backward()
     return out.detach(), [x.grad, *(p.grad for p in model.parameters())]
-
-
-def _rank_main(rank: int, port: int, args: DemoArgs) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
-    torch.set_num_threads(1)  # one core per rank keeps the ranks from fighting over this machine
-    _demo(rank, args)
-    dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
-    dist.destroy_process_group()
-    # Gloo worker threads can still hold tensors at interpreter teardown and abort the process
-    # (pytorch/pytorch#179291); everything is printed, so skip the teardown.
-    sys.stdout.flush()
-    os._exit(0)
 
 
 def _demo(rank: int, args: DemoArgs) -> None:
@@ -115,4 +93,4 @@ def _demo(rank: int, args: DemoArgs) -> None:
 
 
 def run_demo(args: DemoArgs) -> None:
-    mp.spawn(_rank_main, args=(_free_port(), args), nprocs=args.ranks, join=True)
+    spawn_gloo(_demo, args.ranks, args)  # one core per rank keeps the ranks from fighting over this machine

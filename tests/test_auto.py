@@ -6,17 +6,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hcms_compile.passes.cost_model import site_cost
 from hcms_compile.passes.match import Site, match_sites
 from hcms_compile.passes.profiles import BUILTIN_PROFILES, DeviceProfile
 
 import hcms_compile
 from hcms_compile.backend import HcmsOptions
+from hcms_compile.spawn import spawn_gloo
 from hcms_compile.testing.strategies import UlyssesCase
 from hcms_compile.testing.tracing import trace
 
@@ -94,24 +93,15 @@ def test_the_cache_key_holds_the_profile_only_when_the_plan_depends_on_it():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _attend(group, q, k, v):
     from hcms_compile.testing.layouts import attn_funcol
 
     return attn_funcol(q, k, v, group)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     from hcms_compile.calibrate import save_profile
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
     group = dist.group.WORLD
     local = [torch.randn(1, 64, 8, 16, generator=torch.Generator().manual_seed(rank)) for _ in range(3)]
     gm = trace(functools.partial(_attend, group), local)
@@ -125,13 +115,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     (site,) = backend.reports[0].sites
     torch.save({"alone": alone.chunk_sizes, "backend": site.chunk_sizes, "choice": site.choice,
                 "out": out, "want": _attend(group, *local)}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # gloo threads can abort interpreter teardown (pytorch/pytorch#179291)
 
 
 def test_ranks_with_different_saved_profiles_reach_one_plan(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, WORLD, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     # on its own, each rank's profile plans differently: that is what would hang the collectives
     assert ranks[0]["alone"] != ranks[1]["alone"]

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hcms_compile.passes.cost_model import SiteCost
 from hcms_compile.passes.plan import choose_chunks
 from hcms_compile.passes.profiles import BUILTIN_PROFILES, DeviceProfile
 
 from hcms_compile.calibrate import CalibrateArgs, agree, load_profile, main_calibrate, profile_path, save_profile
+from hcms_compile.spawn import spawn_gloo
 
 WORLD = 2
 # comm close to compute, so a faster or slower link changes the chunk choice
@@ -31,29 +29,17 @@ def _local_profile(rank: int) -> DeviceProfile:
                          model_error=(0.05, 0.07)[rank], estimate=False, source=f"rank {rank}", world_size=WORLD)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _worker(rank: int, out_dir: str) -> None:
     agreed = agree(_local_profile(rank))
     choice = choose_chunks(COST, agreed, units=6)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"profile": agreed.to_json(), "chunks": choice.chunk_sizes, "reason": choice.reason}, f)
-    dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
-    dist.destroy_process_group()
-    os._exit(0)  # gloo threads can abort interpreter teardown (pytorch/pytorch#179291)
 
 
 @pytest.fixture(scope="module")
 def agreed(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("agree")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, WORLD, str(out))
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 

@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from hcms_compile.spawn import spawn_gloo
 
 WORLD = 3
 B, S, H, D = 2, 96, 6, 8  # S=96: a shape the CPU kernel computes identically per head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     import hcms_compile
     from hcms_compile.testing.layouts import LAYOUTS
     from hcms_compile.testing.tracing import trace
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
     group = dist.group.WORLD
     results = {}
     for name in ("funcol", "fused_qkv", "xdit"):
@@ -44,9 +35,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results[name] = (result.sites[0].status, torch.equal(want, got), want,
                          reference.chunk(WORLD, dim=lay.seq_dim)[rank])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # no rank tears gloo down while a peer still has traffic in flight
-    dist.destroy_process_group()
-    os._exit(0)  # gloo threads can abort interpreter teardown (pytorch/pytorch#179291)
 
 
 def _attend(fn, group, q, k, v):
@@ -59,7 +47,7 @@ def _to_layout(bshd: torch.Tensor, lay) -> torch.Tensor:
 
 
 def test_rewrite_is_bitwise_over_gloo(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, WORLD, str(tmp_path))
     for rank in range(WORLD):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         for name, (status, equal, out, reference) in results.items():
