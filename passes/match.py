@@ -250,6 +250,8 @@ class _Matcher:
         self.world_size: int | None = None
         self.local_heads: int | None = None
         self.kv_group = 1
+        self._shared_kv: dict[str, Node] = {}  # one KV head per rank under enable_gqa: passed whole
+        self._kv_repeats: dict[str, tuple[str, int]] = {}  # key/value repeated after the exchange: how
         self._heads_out: dict[Node, Atom] = {}  # attention output -> its local-head atom
 
     def run(self) -> Site | Skip:
@@ -288,7 +290,7 @@ class _Matcher:
                                   "gradients would be summed in another order than the kernel sums them")
                 # every chunk attends to the rank's one KV head, exchanged whole before the chunks
                 for name in kv:
-                    del heads[name]
+                    self._shared_kv[name] = heads.pop(name)
             else:
                 self.kv_group = q_heads // kv_heads
         others = {name: n for name, n in counts.items() if name not in KV and n != q_heads}
@@ -359,8 +361,10 @@ class _Matcher:
             except SharedKV:
                 # exchanged whole before the chunks; each chunk slices its heads of the repeated tensor
                 local.update({name: self.op.head_params[name] for name in feeds})
+        self._check_kv_repeats(heads)
         self._check_no_mutation(exchanges)
-        self._check_locals_independent(exchanges, {name: heads[name] for name in local})
+        # keys shared whole must exist before the chunks, like local inputs
+        self._check_locals_independent(exchanges, {**{name: heads[name] for name in local}, **self._shared_kv})
         escapes = self._input_escapes(exchanges, heads)
         reference = next((ex for ex in exchanges if set(ex.feeds) - set(KV)), None)
         if reference is None:
@@ -393,7 +397,8 @@ class _Matcher:
             while stack:
                 current = stack.pop()
                 if current in site_nodes:
-                    raise NoMatch(f"{name} is computed from the exchanged inputs; it cannot be sliced per chunk")
+                    raise NoMatch(f"{name} is computed from the exchanged inputs, so it does not exist before the "
+                                  "chunks that read it")
                 if current in seen or order(current) < floor:
                     continue
                 seen.add(current)
@@ -544,12 +549,26 @@ class _Matcher:
         if name not in KV or len(repeats) != 1 or group[-1] != repeats[0]:
             raise NoMatch(f"{name}'s head axis repeats heads in a way other than each KV head n times in a row")
         n = self.atoms.sizes[repeats[0]]
-        if self.kv_group not in (1, n):
-            raise NoMatch(f"keys and values are repeated {n} times and grouped by {self.kv_group}")
+        if self.kv_group > 1 and not self._kv_repeats:
+            raise NoMatch(f"{name} is repeated {n} times after the exchange and also grouped by {self.kv_group} "
+                          "query heads (enable_gqa)")
         if len(group) == 1:
+            self._kv_repeats[name] = ("shared", n)
             raise SharedKV(f"{name} has one KV head on this rank, repeated for every query head")
+        self._kv_repeats[name] = ("grouped", n)
         self.kv_group = n
         return group[:-1]
+
+    def _check_kv_repeats(self, heads: dict[str, Node]) -> None:
+        """A repeat sets how chunks divide every key and value input, so they must all be repeated
+        alike: a key repeated twice beside a value exchanged with all its heads would be cut in half."""
+        if not self._kv_repeats:
+            return
+        names = [name for name in KV if name in heads]
+        kinds = {self._kv_repeats.get(name) for name in names}
+        if len(kinds) != 1 or None in kinds:
+            how = {name: self._kv_repeats.get(name, "not repeated after an exchange") for name in names}
+            raise NoMatch(f"keys and values are not repeated alike after the exchange: {how}")
 
     def _check_scatter_heads(self, path: tuple[Node, ...], dest: tuple[Atom, ...], head: Atom, a2a: Node) -> None:
         """Some tensor on the send path has a dim whose factors are (rank, local head): a global head

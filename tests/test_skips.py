@@ -466,3 +466,41 @@ def test_keys_repeated_after_the_exchange_chunk_by_kv_head(style):
 def test_one_repeated_kv_head_per_rank_is_sliced_per_chunk(style):
     (site,) = _rewritten(_repeated_kv(2, style), tracer="dynamo")  # 4 query heads, 2 KV heads, 2 ranks
     assert site.chunk_sizes == (1, 1) and site.exchanges == 1
+
+
+def test_keys_repeated_but_values_not_are_left_alone():
+    # found by review: the repeat set the group for every KV input, and the unrepeated values were
+    # cut to half their heads per chunk
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, v = _scatter_heads(q, g), _scatter_heads(v, g)
+        k = torch.repeat_interleave(_scatter_heads(k[:, :, : H // 2], g), 2, dim=1)
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    _skipped(fn, "keys and values are not repeated alike after the exchange", tracer="dynamo")
+
+
+def test_a_shared_kv_head_computed_from_the_exchanged_query_is_left_alone():
+    # found by review: one KV head per rank is passed whole to every chunk, so it must exist before them
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q = _scatter_heads(q, g)
+        return _gather_heads(F.scaled_dot_product_attention(q, q.mean(1, keepdim=True), q.amax(1, keepdim=True),
+                                                            enable_gqa=True), g)
+
+    _skipped(fn, "key is computed from the exchanged inputs", tracer="dynamo")
+
+
+def test_grouped_query_attention_over_repeated_keys_is_left_alone():
+    g = ranks.group(P)
+
+    def fn(q, k, v):  # 2 KV heads per rank, repeated twice, read by 4 query heads each through enable_gqa
+        q = _scatter_heads(q, g)
+        k, v = (torch.repeat_interleave(_scatter_heads(t[:, :, :4], g), 2, dim=1) for t in (k, v))
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v, enable_gqa=True), g)
+
+    gm = trace(fn, _inputs(16), "dynamo")
+    (site,) = hcms_compile.rewrite(gm, chunks=2).sites
+    assert not site.rewritten and "also grouped by" in site.reason, site
