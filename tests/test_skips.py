@@ -15,13 +15,19 @@ from hcms_compile.testing.tracing import trace
 P, B, S_LOCAL, H, D = 2, 2, 16, 4, 8
 
 
-def _scatter_heads(x, group, *, strided: bool = False):
+def _head_blocks(x, group, *, strided: bool = False):
+    """[B, S/P, H, D] sent so that rank r receives head block r: the received [P, B, S/P, H/P, D]."""
     b, s, h, d = x.shape
     p = group.size()
     split = x.reshape(b, s, h // p, p, d).transpose(2, 3) if strided else x.reshape(b, s, p, h // p, d)
     send = split.permute(2, 0, 1, 3, 4).contiguous()
-    recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
-    return recv.permute(1, 3, 0, 2, 4).reshape(b, h // p, p * s, d)
+    return funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+
+
+def _scatter_heads(x, group, *, strided: bool = False):
+    b, s, h, d = x.shape
+    p = group.size()
+    return _head_blocks(x, group, strided=strided).permute(1, 3, 0, 2, 4).reshape(b, h // p, p * s, d)
 
 
 def _gather_heads(o, group):
@@ -154,9 +160,7 @@ def test_exchange_that_does_not_gather_sequence():
         # the source-rank factor lands in the batch axis: attention over S/P tokens only
         def scatter(x):
             b, s, h, d = x.shape
-            send = x.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous()
-            recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
-            return recv.permute(0, 1, 3, 2, 4).reshape(P * b, h // P, s, d)
+            return _head_blocks(x, g).permute(0, 1, 3, 2, 4).reshape(P * b, h // P, s, d)
 
         o = F.scaled_dot_product_attention(scatter(q), scatter(k), scatter(v))
         send = o.reshape(P, B, H // P, S_LOCAL, D).contiguous()
@@ -170,8 +174,7 @@ def test_intermediate_receive_value_used_elsewhere():
 
     def fn(q, k, v):
         b, s, h, d = q.shape
-        send = q.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous()
-        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+        recv = _head_blocks(q, g)
         q = recv.permute(1, 3, 0, 2, 4).reshape(b, h // P, P * s, d)
         k, v = (_scatter_heads(t, g) for t in (k, v))
         return _gather_heads(F.scaled_dot_product_attention(q, k, v), g), recv.sum()
@@ -285,8 +288,7 @@ def test_in_place_write_to_sent_storage_blocks_the_rewrite():
 
     def fn(q, k, v):
         b, s, h, d = q.shape
-        send = q.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous()
-        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, g))
+        recv = _head_blocks(q, g)
         q.mul_(0)  # after the send: the chunks, sent later, would see zeros
         q2 = recv.permute(1, 3, 0, 2, 4).reshape(b, h // P, P * s, d)
         k, v = (_scatter_heads(t, g) for t in (k, v))
