@@ -30,7 +30,7 @@ from .calibrate import agree_if_distributed, resolve_profile
 from .passes import ChunkSpec, validate_chunks
 from .passes.exactness import BITWISE, exactness_policy
 from .passes.ops import is_all_to_all
-from .passes.plan import AUTO
+from .passes.plan import AUTO, parse_chunks
 from .passes.profiles import DeviceProfile
 from .passes.schedule import pin_pipeline
 from .report import SiteReport, render_sites
@@ -62,14 +62,11 @@ def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, st
     env = os.environ if environ is None else environ
     enabled = env.get("HCMS_DISABLE", "").strip() not in ("1", "true", "yes")
     raw = env.get("HCMS_CHUNKS", "").strip()
-    if raw == AUTO:
-        chunks = AUTO
-    elif raw:
+    if raw:
         try:
-            parts = [int(p) for p in raw.replace("+", ",").split(",") if p.strip()]
+            chunks = parse_chunks(raw)
         except ValueError:
             raise ValueError(f"HCMS_CHUNKS={raw!r}: expected auto, a count like 3 or sizes like 2,1") from None
-        chunks = validate_chunks(parts[0] if len(parts) == 1 else tuple(parts))
     return HcmsOptions(validate_chunks(chunks), exactness_policy(exact), enabled)
 
 

@@ -6,14 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .passes.plan import parse_chunks
 from .testing.layouts import LAYOUTS
-
-
-def _chunks(text: str) -> int | tuple[int, ...] | str:
-    if text == "auto":
-        return text
-    parts = [int(p) for p in text.replace("+", ",").split(",") if p]
-    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -29,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--heads", type=int, default=12, help="global heads (divisible by --ranks)")
     demo.add_argument("--head-dim", type=int, default=32)
     demo.add_argument("--tokens-per-rank", type=int, default=64)
-    demo.add_argument("--chunks", type=_chunks, default=2,
+    demo.add_argument("--chunks", type=parse_chunks, default=2,
                       help="auto, a count, or local heads per chunk: 2+1 (default 2: on CPU ranks the cost model "
                            "would rightly leave every site alone, and the demo is about showing the rewrite)")
     demo.add_argument("--layout", choices=[n for n, lay in LAYOUTS.items() if lay.functional], default="funcol")
@@ -46,9 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     calibrate.add_argument("--interconnect", choices=["nvlink", "pcie", "ib"], default=None)
     calibrate.add_argument("--backend", default=None, help="process group backend under torchrun")
     calibrate.add_argument("--out", default=None, help="where to save (default: where the backend looks)")
+    from .bench import HELP as BENCH_HELP
     from .bench import add_bench_arguments, run_bench_command
 
-    add_bench_arguments(sub.add_parser("bench", help="time Ulysses attention and a block with and without HCMS"))
+    add_bench_arguments(sub.add_parser("bench", help=BENCH_HELP))
     args = parser.parse_args(argv)
     if args.command == "calibrate":
         from .calibrate import CalibrateArgs, main_calibrate

@@ -89,6 +89,16 @@ def validate_chunks(chunks: object) -> ChunkSpec:
     raise TypeError(f"chunks must be 'auto', an int or a sequence of ints, got {type(chunks).__name__} {chunks!r}")
 
 
+def parse_chunks(text: str) -> int | tuple[int, ...] | str:
+    """A chunk spec written as text (a flag, an environment variable): "auto", "3", "2,1" or "2+1".
+    Raises ValueError on text that is not one; `validate_chunks` checks the values."""
+    text = text.strip()
+    if text == AUTO:
+        return AUTO
+    parts = [int(p) for p in text.replace("+", ",").split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def even_split(heads: int, chunks: int) -> tuple[int, ...]:
     """`heads` in `chunks` parts differing by at most one, larger parts first."""
     base, extra = divmod(heads, chunks)
