@@ -1,4 +1,10 @@
-"""`rewrite(gm, chunks=...)`: the standalone HCMS pass over any traced FX graph."""
+"""`rewrite(gm, chunks=...)`: the standalone HCMS pass over any traced FX graph.
+
+The pass reads every node's shape from the metadata a tracer records (`val` from make_fx, export
+and AOTAutograd, in real or fake tracing mode; `example_value` from Dynamo). A graph without any
+(`torch.fx.symbolic_trace`, a hand-built graph) gets it from `example_inputs=`, propagated on the
+copy that `rewrite` returns; without them every site is skipped with a reason that says so.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,19 @@ import copy
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .calibrate import resolve_profile
 from .passes import ChunkSpec, Site, Skip, match_sites, plan_site, rewrite_site, validate_chunks
-from .passes.emit import EmitError
+from .passes.emit import EmitError, RollbackError
 from .passes.exactness import exactness_policy
 from .passes.match import match_again, value_of
+from .passes.ops import attention_op
 from .passes.plan import AUTO
 from .passes.profiles import DeviceProfile
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
@@ -24,9 +34,13 @@ log = logging.getLogger("hcms_compile")
 
 ProfileSpec = DeviceProfile | str | os.PathLike | None
 
+NO_METADATA = ("the graph has no shape metadata: pass example_inputs= (one rank's inputs, real or fake tensors) "
+               "to rewrite(), or trace with make_fx, torch.export or Dynamo")
+METADATA_KEYS = ("val", "example_value", "tensor_meta")
+
 
 def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
-            profile: ProfileSpec = None) -> RewriteResult:
+            profile: ProfileSpec = None, example_inputs: Sequence[object] | None = None) -> RewriteResult:
     """Chunk every provable all-to-all -> attention -> all-to-all site of `gm` by local heads.
 
     `chunks` is "auto" (the cost model picks a count per site, 1 meaning leave it alone), a chunk
@@ -38,27 +52,78 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool |
     a site is chunked only where the attention kernel is known to keep its bits; `False` also
     allows chunkings that stay within the kernel's own run-to-run variation; "rounding" allows any
     correct chunking. The report says which grade each rewritten site has.
+    `example_inputs` (one rank's inputs in the graph's argument order, real or fake tensors) give
+    shapes to a graph that has none, such as `torch.fx.symbolic_trace`'s: they are propagated with
+    fake tensors through the copy, never through `gm`.
     `gm` is not mutated; the result holds a new GraphModule and one report per attention op.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"rewrite() takes a torch.fx.GraphModule, got {type(gm).__name__}")
     spec, policy = _check_args(chunks, exact)
+    out = _copy(gm)
+    no_metadata = None
+    if example_inputs is not None:
+        no_metadata = _propagate(out, example_inputs)
+        if no_metadata is not None:
+            out = _copy(gm)  # a propagation that stopped half way leaves no values behind
+    reports = _rewrite_graph(out.graph, spec, policy, profile, no_metadata)
+    if any(r.rewritten for r in reports):
+        out.recompile()
+    return RewriteResult(out, reports)
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     with warnings.catch_warnings():
         # copying export's pytree codegen trips a torch-internal deprecation warning
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
     out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(getattr(gm, "meta", {}))
-    reports = rewrite_graph(out.graph, chunks=spec, exact=policy, profile=profile)
-    if any(r.rewritten for r in reports):
-        out.recompile()
-    return RewriteResult(out, reports)
+    return out
+
+
+def _propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> str | None:
+    """Record every node's fake value in `gm` from `example_inputs`; the reason it could not, or None."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) != len(placeholders):
+        return (f"example_inputs= has {len(example_inputs)} values but the graph takes {len(placeholders)} "
+                f"({', '.join(n.name for n in placeholders)})")
+    # parameters and buffers reached by get_attr are real: the mode reads their metadata
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    except Exception as err:  # noqa: BLE001 - any failure means the graph keeps no shapes
+        return f"example_inputs= did not run through the graph: {type(err).__name__}: {err}"
+    return None
 
 
 def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
                   profile: ProfileSpec = None) -> list[SiteReport]:
     """`rewrite` in place on a graph: what compiler hooks (Inductor's post-grad passes) call."""
     spec, policy = _check_args(chunks, exact)
+    return _rewrite_graph(graph, spec, policy, profile, None)
+
+
+def _rewrite_graph(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: ProfileSpec,
+                   no_metadata: str | None) -> list[SiteReport]:
+    """`no_metadata`: why the graph has no shapes, when `example_inputs` could not give them."""
+    if no_metadata is None and not any(key in node.meta for node in graph.nodes for key in METADATA_KEYS):
+        no_metadata = NO_METADATA
+    reports = _apply_all(graph, spec, policy, profile) if no_metadata is None else _unshaped(graph, no_metadata)
+    for report in reports:
+        log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
+    return reports
+
+
+def _unshaped(graph: torch.fx.Graph, reason: str) -> list[SiteReport]:
+    """Without shapes no proof can start: every attention op is skipped for the one cause."""
+    ops = [(node, op) for node in graph.nodes if (op := attention_op(node)) is not None]
+    return [SiteReport(index=i, attention=node.name, kernel=op.kernel, status=SKIPPED, reason=reason)
+            for i, (node, op) in enumerate(ops)]
+
+
+def _apply_all(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: ProfileSpec) -> list[SiteReport]:
     profiles: dict[tuple[str, int], DeviceProfile] = {}
 
     def profile_for(site: Site) -> DeviceProfile:
@@ -71,8 +136,6 @@ def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = AUTO, exact: boo
     reports = [_apply(graph, found, spec, policy, profile_for) for found in match_sites(graph)]
     if any(r.rewritten for r in reports):
         graph.lint()
-    for report in reports:
-        log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
     return reports
 
 
@@ -93,6 +156,8 @@ def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: s
         return SiteReport(status=SKIPPED, reason=plan, exchanges=len(found.inputs), **base)
     try:
         rewrite_site(graph, found, plan)
+    except RollbackError:
+        raise  # the graph is no longer as it was: reporting a skip would hide that
     except EmitError as err:
         return SiteReport(status=SKIPPED, reason=f"rewrite did not check: {err}", **base)
     except Exception as err:  # noqa: BLE001 - a bug in the pass must not take the user's compile down

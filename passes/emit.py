@@ -5,12 +5,16 @@ Terms
   metadata under `example_value`).
 - fake value: a FakeTensor computed for every new node from its inputs' fake values, so shapes are
   checked while the graph is built and Inductor/AOTAutograd find the metadata they need.
+- the emitter's fake mode: the mode of the graph's first fake value. Values of any other mode are
+  converted into it before use: `make_fx` with real tensors (its default) records every node's
+  value under a fake mode of its own, and AOTAutograd leaves Dynamo's values beside its own.
 
 Steps of each `Emitter` call:
-1. Create the node before the anchor (the schedule moves it later).
-2. Compute its fake value under the graph's fake mode; a failure raises `EmitError`, and the
-   rewrite undoes the site.
-3. Record the node so the caller can tag it and, on failure, erase it.
+1. Create the node before the anchor (the schedule moves it later) and record it, so that the
+   caller can tag it and `rollback` can erase it whatever happens next.
+2. Compute its fake value under the emitter's fake mode; a failure raises `EmitError`, and the
+   rewrite calls `rollback`, which erases every recorded node, users first, leaving the graph as
+   it was.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, Node
 from torch.fx.node import map_arg
+from torch.utils._pytree import tree_map_only
 
 aten = torch.ops.aten
 
@@ -32,11 +37,22 @@ class EmitError(Exception):
     """A new node whose shapes do not check."""
 
 
+class RollbackError(RuntimeError):
+    """New nodes that cannot be erased because original nodes already use them: the graph can no
+    longer be restored, so this must reach the caller instead of a report that says "skipped"."""
+
+
 def dialect_of(graph: Graph) -> str:
     for node in graph.nodes:
         if node.op == "call_method" or "example_value" in node.meta:
             return "torch"
     return "aten"
+
+
+def value_key(graph: Graph) -> str:
+    """Where the graph keeps its values: Dynamo's `example_value`, else `val` (make_fx, export,
+    AOTAutograd, `FakeTensorProp`)."""
+    return "example_value" if any("example_value" in node.meta for node in graph.nodes) else "val"
 
 
 def _fake_mode(graph: Graph, key: str) -> FakeTensorMode:
@@ -75,24 +91,29 @@ class Emitter:
         self.graph = graph
         self.anchor = anchor
         self.dialect = dialect_of(graph)
-        self.key = "example_value" if self.dialect == "torch" else "val"
+        self.key = value_key(graph)
         self.mode = _fake_mode(graph, self.key)
         self.created: list[Node] = []
 
     # -- fake values ---------------------------------------------------------------------------
     def _fake(self, value: Any) -> Any:
-        if isinstance(value, FakeTensor) or not isinstance(value, torch.Tensor):
-            return value
-        return self.mode.from_tensor(value)
+        """`value` with every tensor in it a fake tensor of this emitter's mode."""
+        return tree_map_only(torch.Tensor, self._convert, value)
+
+    def _convert(self, tensor: torch.Tensor) -> FakeTensor:
+        if isinstance(tensor, FakeTensor) and tensor.fake_mode is self.mode:
+            return tensor
+        # the mode memoises by tensor, so a value read twice is one fake tensor, aliasing included
+        return self.mode.from_tensor(tensor, static_shapes=True)
 
     def _value(self, node: Node) -> Any:
-        # a Dynamo graph that AOTAutograd has traced can carry values of two fake modes: read ours
         val = node.meta.get(self.key, node.meta.get("val", node.meta.get("example_value")))
         if val is None:
             raise EmitError(f"{node.name} has no fake value")
         return self._fake(val)
 
     def _annotate(self, node: Node) -> Node:
+        self.created.append(node)  # before its value is computed: a node that does not check is erased too
         args = map_arg(node.args, self._value)
         kwargs = map_arg(node.kwargs, self._value)
         try:
@@ -104,7 +125,6 @@ class Emitter:
         except Exception as err:  # noqa: BLE001 - any failure means the new node is invalid
             raise EmitError(f"{node.format_node()}: {err}") from err
         node.meta[self.key] = val
-        self.created.append(node)
         return node
 
     # -- node builders -------------------------------------------------------------------------
@@ -177,7 +197,12 @@ class Emitter:
         return self.call(aten.copy.default, empty, x)
 
     def rollback(self) -> None:
+        """Erase every node this emitter created. A node is created after its inputs, so in reverse
+        order each node's users among the new nodes are already gone; any other user is an original
+        node the rewrite had already rewired."""
         for node in reversed(self.created):
-            if not node.users:
-                self.graph.erase_node(node)
+            if node.users:
+                users = ", ".join(user.name for user in node.users)
+                raise RollbackError(f"cannot undo the rewrite: the new node {node.name} is already used by {users}")
+            self.graph.erase_node(node)
         self.created.clear()

@@ -8,13 +8,16 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-TRACERS = ("make_fx", "export", "dynamo", "aot")
+TRACERS = ("make_fx", "make_fx_real", "export", "dynamo", "aot")
 
 
 def trace(fn: Callable[..., Any], example_inputs: Sequence[torch.Tensor], tracer: str = "make_fx") -> GraphModule:
     """One GraphModule of `fn` as produced by `tracer` (see `TRACERS`).
 
     - make_fx: an ATen graph traced with fake tensors.
+    - make_fx_real: the same traced with `example_inputs` themselves (make_fx's default mode), which
+      records each node's value under a fake mode of its own. The functions' collectives run on the
+      fake process group (`ranks.group`), which gives outputs of the right shape on one rank.
     - export: `torch.export.export(...).module()`.
     - dynamo: the torch-level graph Dynamo hands a backend (call_method nodes, OpOverloadPackets).
     - aot: the forward graph AOTAutograd hands its compiler (inference, no grad).
@@ -24,6 +27,10 @@ def trace(fn: Callable[..., Any], example_inputs: Sequence[torch.Tensor], tracer
         from torch.fx.experimental.proxy_tensor import make_fx
 
         return make_fx(fn, tracing_mode="fake")(*inputs)
+    if tracer == "make_fx_real":
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        return make_fx(fn)(*inputs)
     if tracer == "export":
         return torch.export.export(_Wrap(fn), inputs, strict=False).module()
     if tracer == "dynamo":
