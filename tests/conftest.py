@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch.distributed as dist
 from hypothesis import HealthCheck, settings
 
 from hcms_compile.testing import ranks
+from tests.helpers import every_site_checked
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -26,3 +27,12 @@ def fake_group() -> Callable[[int], dist.ProcessGroup]:
     """P -> a process group of ranks 0..P-1 in a fake world of 8 (pair with LocalTensorMode(P))."""
     ranks.fake_world()
     return ranks.group
+
+
+@pytest.fixture(autouse=True)
+def sites_left_as_they_were() -> Iterator[None]:
+    """In every test, every site any rewrite skips leaves its graph structurally as it was, and
+    every site it rewrites changes only its own nodes (`tests.helpers.every_site_checked`)."""
+    with every_site_checked() as problems:
+        yield
+    assert not problems, problems

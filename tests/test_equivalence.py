@@ -2,7 +2,8 @@
 
 Each example draws a Ulysses case (world size, batch, local heads, tokens per rank, head dim,
 dtype, causal, layout, chunk spec), traces the layout's attention, rewrites it and runs both graphs
-on all ranks in one process with LocalTensorMode.
+on all ranks in one process with LocalTensorMode. A site left alone must leave the graph exactly as
+it was (`assert_untouched`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,23 @@ import hcms_compile
 from hcms_compile.testing.layouts import LAYOUTS
 from hcms_compile.testing.strategies import FUNCTIONAL_LAYOUTS, UlyssesCase, ulysses_cases
 from hcms_compile.testing.tracing import trace
-from tests.helpers import assert_bitwise_on_ranks, assert_close_on_ranks, count_all_to_alls, examples
+from tests.helpers import (
+    assert_bitwise_on_ranks,
+    assert_close_on_ranks,
+    assert_untouched,
+    count_all_to_alls,
+    examples,
+)
 
 
 def check_case(case, tracer: str) -> None:
     gm = trace(case.function(), case.example_inputs(), tracer)
     before = count_all_to_alls(gm)
     result = hcms_compile.rewrite(gm, chunks=case.chunks)
+    assert_untouched(gm, result)
     (site,) = result.sites
     if case.chunk_count == 1:
         assert site.status == "skipped" and "one chunk" in site.reason
-        assert result.graph_module.code == gm.code
         return
     if not site.rewritten:
         # the exactness policy refused: the chunking is still correct, but not bit for bit
@@ -50,6 +57,14 @@ def check_case(case, tracer: str) -> None:
 @given(ulysses_cases())
 def test_make_fx_graphs_keep_their_bits(case):
     check_case(case, "make_fx")
+
+
+@examples(40)
+@given(ulysses_cases())
+def test_make_fx_real_tensor_graphs_keep_their_bits(case):
+    # make_fx's default mode: traced on one rank's real inputs over the fake process group, every
+    # node's value under a fake mode of its own
+    check_case(case, "make_fx_real")
 
 
 @examples(25)

@@ -11,6 +11,7 @@ import hcms_compile
 from hcms_compile.testing import ranks
 from hcms_compile.testing.layouts import attn_funcol
 from hcms_compile.testing.tracing import trace
+from tests.helpers import assert_untouched
 
 P, B, S_LOCAL, H, D = 2, 2, 16, 4, 8
 
@@ -48,7 +49,7 @@ def _skipped(fn, reason: str, n_sites: int = 1, tracer: str = "make_fx"):
     assert len(result.sites) == n_sites
     assert all(s.status == "skipped" for s in result.sites), result
     assert any(reason in s.reason for s in result.sites), result
-    assert result.graph_module.code == gm.code
+    assert_untouched(gm, result)
     return result
 
 
@@ -140,7 +141,7 @@ def test_dropout_would_change_random_streams():
     gm = trace(fn, _inputs(), "dynamo")  # make_fx would bake one random draw in
     result = hcms_compile.rewrite(gm, chunks=2)
     assert result.sites[0].status == "skipped" and "dropout_p=0.1" in result.sites[0].reason
-    assert result.graph_module.code == gm.code
+    assert_untouched(gm, result)
 
 
 def test_strided_head_ownership_is_not_proven():
@@ -248,7 +249,7 @@ def test_decomposed_attention_is_reported_as_no_site():
     result = hcms_compile.rewrite(gm, chunks=2)
     assert result.sites == []
     assert "no all-to-all -> attention -> all-to-all site found" in str(result)
-    assert result.graph_module.code == gm.code
+    assert_untouched(gm, result)
 
 
 def test_more_chunks_than_local_heads_skips_that_site_only():
@@ -262,7 +263,7 @@ def test_more_chunks_than_local_heads_skips_that_site_only():
     assert "3 chunks requested but the site has 2 local head(s)" in result.sites[0].reason
     result = hcms_compile.rewrite(gm, chunks=(1, 2))
     assert "sum to 3, but the site has 2 local heads" in result.sites[0].reason
-    assert result.graph_module.code == gm.code
+    assert_untouched(gm, result)
 
 
 def test_one_rewritten_site_and_one_skipped_site_in_one_graph():
@@ -276,6 +277,7 @@ def test_one_rewritten_site_and_one_skipped_site_in_one_graph():
     gm = trace(fn, _inputs())
     result = hcms_compile.rewrite(gm, chunks=2)
     assert [s.status for s in result.sites] == ["rewritten", "skipped"]
+    assert_untouched(gm, result)  # the second site's nodes are as they were
     inputs = [ranks.shard(torch.randn(B, P * S_LOCAL, H, D), 1, P) for _ in range(3)]
     want = ranks.run_on_ranks(gm, inputs, P)
     got = ranks.run_on_ranks(result.graph_module, inputs, P)
@@ -433,7 +435,7 @@ def test_ulysses_with_ring_attention_is_left_alone_with_a_reason():
     gm = trace(fn, _inputs(), "dynamo")
     result = hcms_compile.rewrite(gm, chunks=2)
     assert len(result.sites) == P and not result.rewritten
-    assert result.graph_module.code == gm.code
+    assert_untouched(gm, result)
     assert all("the query also feeds 1 other attention op(s)" in s.reason for s in result.sites), result
 
 
