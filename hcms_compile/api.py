@@ -4,6 +4,10 @@ The pass reads every node's shape from the metadata a tracer records (`val` from
 and AOTAutograd, in real or fake tracing mode; `example_value` from Dynamo). A graph without any
 (`torch.fx.symbolic_trace`, a hand-built graph) gets it from `example_inputs=`, propagated on the
 copy that `rewrite` returns; without them every site is skipped with a reason that says so.
+`symbolic_trace` of code that calls funcol (`torch.distributed._functional_collectives`) records
+funcol's eager wrapper (`_wrap_tensor_autograd`) after each all-to-all instead of a wait, and its
+split sizes as graph arithmetic; the pass does not prove exchanges in that form, and the reason of
+every site next to one says so and names the tracers that record the functional form.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.fx
@@ -24,7 +29,7 @@ from .passes import ChunkSpec, Site, Skip, match_sites, plan_site, rewrite_site,
 from .passes.emit import EmitError, RollbackError
 from .passes.exactness import exactness_policy
 from .passes.match import match_again, value_of
-from .passes.ops import attention_op
+from .passes.ops import attention_op, is_all_to_all, target_name
 from .passes.plan import AUTO
 from .passes.profiles import DeviceProfile
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
@@ -37,6 +42,7 @@ ProfileSpec = DeviceProfile | str | os.PathLike | None
 NO_METADATA = ("the graph has no shape metadata: pass example_inputs= (one rank's inputs, real or fake tensors) "
                "to rewrite(), or trace with make_fx, torch.export or Dynamo")
 METADATA_KEYS = ("val", "example_value", "tensor_meta")
+EAGER_WRAPPER = "_wrap_tensor_autograd"  # funcol's eager result wrapper, recorded only by symbolic_trace
 
 
 def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
@@ -136,7 +142,41 @@ def _apply_all(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: Pro
     reports = [_apply(graph, found, spec, policy, profile_for) for found in match_sites(graph)]
     if any(r.rewritten for r in reports):
         graph.lint()
-    return reports
+    return _explain_eager_wrappers(graph, reports)
+
+
+def _explain_eager_wrappers(graph: torch.fx.Graph, reports: list[SiteReport]) -> list[SiteReport]:
+    """Add the cause to the reason of each skipped site connected to an all-to-all whose result goes
+    through funcol's eager wrapper: the matcher only sees that no exchange fits, the fix is elsewhere."""
+    wrapped = [n for n in graph.nodes if is_all_to_all(n) and any(target_name(u) == EAGER_WRAPPER for u in n.users)]
+    if not wrapped:
+        return reports
+    nodes = {node.name: node for node in graph.nodes}
+    out = []
+    for report in reports:
+        near = _connected(nodes[report.attention]) if not report.rewritten else set()
+        names = [a2a.name for a2a in wrapped if a2a in near]
+        if names:
+            hint = (f"the exchanges {', '.join(names)} pass their results through funcol's eager wrapper "
+                    f"{EAGER_WRAPPER}, which torch.fx.symbolic_trace records when it traces funcol: trace with "
+                    "make_fx, torch.export or Dynamo (they record wait_tensor), or call "
+                    "torch.ops._c10d_functional.all_to_all_single and wait_tensor with static split sizes")
+            report = replace(report, reason=f"{report.reason}; {hint}")
+        out.append(report)
+    return out
+
+
+def _connected(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """The ancestors and descendants of `node`."""
+    found: set[torch.fx.Node] = set()
+    for step in (lambda n: n.all_input_nodes, lambda n: n.users):
+        stack = list(step(node))
+        while stack:
+            current = stack.pop()
+            if current not in found:
+                found.add(current)
+                stack.extend(step(current))
+    return found
 
 
 def _check_args(chunks: object, exact: object) -> tuple[ChunkSpec, str]:
