@@ -110,7 +110,10 @@ class Emitter:
         val = node.meta.get(self.key, node.meta.get("val", node.meta.get("example_value")))
         if val is None:
             raise EmitError(f"{node.name} has no fake value")
-        return self._fake(val)
+        try:
+            return self._fake(val)
+        except Exception as err:  # noqa: BLE001 - a value this mode cannot hold leaves the site as it was
+            raise EmitError(f"{node.name}'s value cannot be converted to the graph's fake mode: {err}") from err
 
     def _annotate(self, node: Node) -> Node:
         self.created.append(node)  # before its value is computed: a node that does not check is erased too
