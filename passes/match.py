@@ -643,8 +643,8 @@ class _Matcher:
             axis = self.op.head_outputs[index] % len(shape_of(source))
             outside: list[Node] = []
             for user in source.users:
-                if inplace_fill(user) is not None:
-                    continue  # the buffer an in-place exchange fills; the exchange owns it
+                if inplace_fill(user) is not None or _later_piece(source, user):
+                    continue  # the buffer an in-place exchange fills, or a piece the first one's walk covers
                 found = self._output_exchange(index, source, user, first, heads, group, world)
                 if found is None:
                     outside.append(user)
@@ -711,7 +711,7 @@ class _Matcher:
                 return None
             self.layouts[user] = self._follow(user)
             path.append(user)
-            onward = [u for u in user.users if inplace_fill(u) is None]
+            onward = [u for u in user.users if inplace_fill(u) is None and not _later_piece(user, u)]
             if len(onward) != 1:
                 if any(is_all_to_all(u) for u in _reachable(user)):
                     raise NoMatch(f"the path from attention output {index} to an all-to-all branches at "
@@ -749,15 +749,19 @@ class _Matcher:
         return OutputExchange(index, source, tuple(path), a2a, wait, head, fill)
 
 
-def _private_join(source: Node, split: Node) -> Node | None:
-    """The join that regroups `source` through `split`, when the pieces feed nothing but the join."""
-    join = joined_by(split)
+def _private_join(source: Node, piece: Node) -> Node | None:
+    """The join that regroups `source` through `piece`, when its pieces feed nothing but the join."""
+    join = joined_by(piece)
     if join is None or layout_op(join).source is not source:
         return None
-    _, *items = join_pieces(join)
-    if set(split.users) != set(items) or any(set(item.users) != {join} for item in items):
-        return None
-    return join
+    inside = {*join_pieces(join), join}
+    return join if all(set(p.users) <= inside for p in join_pieces(join)) else None
+
+
+def _later_piece(source: Node, user: Node) -> bool:
+    """`user` is one of several pieces of `source` that one join reads: the walk follows the first."""
+    join = _private_join(source, user)
+    return join is not None and join_pieces(join)[0] is not user
 
 
 def _not_exchanged(name: str, node: Node, feeds_exchange: bool) -> str:

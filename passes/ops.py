@@ -193,26 +193,61 @@ _SPLITS = {"split", "chunk", "unbind", "split_with_sizes", "tensor_split"}
 
 
 def _join(node: Node, kind: str) -> LayoutOp | None:
-    """A stack or cat of all the equal pieces of one split, in order; None for anything else (a
+    """A stack or cat of all the equal pieces of one tensor, in order; None for anything else (a
     stack of q, k and v, say, which gathers several tensors)."""
     pieces = node.args[0] if node.args else node.kwargs.get("tensors")
-    if not isinstance(pieces, (list, tuple)) or not pieces:
+    if not isinstance(pieces, (list, tuple)) or not pieces or not all(isinstance(p, Node) for p in pieces):
         return None
-    parent = pieces[0].args[0] if isinstance(pieces[0], Node) and pieces[0].args else None
-    if not isinstance(parent, Node):
-        return None
-    split = _split(parent)
+    split = _split_items(pieces) or _slices(pieces)
     if split is None:
         return None
     source, dim, count, squeezed = split
-    expected = [(parent, i) for i in range(count)]
-    if [(p.args[0], p.args[1]) if _is_item(p) else None for p in pieces] != expected:
-        return None
     rank = len(_shape(source)) - squeezed + (kind == STACK)
     join_dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
     if not isinstance(join_dim, int) or not -rank <= join_dim < rank:
         return None
     return LayoutOp(kind, source, (dim, count, squeezed, join_dim % rank))
+
+
+def _split_items(pieces: Sequence[Node]) -> tuple[Node, int, int, int] | None:
+    """`getitem(split(x), i)` for every piece i of one split, chunk or unbind, in order."""
+    parent = pieces[0].args[0] if pieces[0].args else None
+    if not isinstance(parent, Node):
+        return None
+    split = _split(parent)
+    if split is None:
+        return None
+    if [(p.args[0], p.args[1]) if _is_item(p) else None for p in pieces] != [(parent, i) for i in range(split[2])]:
+        return None
+    return split
+
+
+def _slices(pieces: Sequence[Node]) -> tuple[Node, int, int, int] | None:
+    """`select(x, d, i)` for every i, or `slice(x, d, i*m, (i+1)*m)` for equal blocks covering dim d in
+    order: what AOTAutograd writes for the backward of a stack or cat."""
+    first = pieces[0]
+    if first.op != "call_function" or first.target not in (aten.select.int, aten.slice.Tensor):
+        return None
+    source = first.args[0]
+    shape = _shape(source) if isinstance(source, Node) else ()
+    params = ("self", "dim", "start", "end", "step") if first.target is aten.slice.Tensor else ("self", "dim", "index")
+    calls = []
+    for piece in pieces:
+        if piece.op != "call_function" or piece.target is not first.target:
+            return None
+        calls.append({"dim": 0, "start": None, "end": None, "step": 1, **dict(zip(params, piece.args, strict=False)),
+                      **piece.kwargs})
+    if not shape or any(c["self"] is not source or c["dim"] != calls[0]["dim"] for c in calls):
+        return None
+    dim = calls[0]["dim"] % len(shape)
+    size, count = shape[dim], len(pieces)
+    if first.target is aten.select.int:
+        return (source, dim, count, 1) if [c["index"] for c in calls] == list(range(size)) else None
+    width = size // count
+    blocks = [(c["start"] or 0, size if c["end"] is None else min(c["end"], size), c["step"]) for c in calls]
+    if size % count or blocks != [(i * width, (i + 1) * width, 1) for i in range(count)]:
+        return None
+    return source, dim, count, 0
 
 
 def _is_item(node: Any) -> bool:
@@ -252,19 +287,19 @@ def _split(parent: Node) -> tuple[Node, int, int, int] | None:
 
 
 def join_pieces(node: Node) -> tuple[Node, ...]:
-    """The split node and its getitems that a join (see `layout_op`) reads; empty for other nodes."""
+    """The nodes between a join (see `layout_op`) and its source: the split node and its getitems,
+    or the selects or slices; empty for other nodes."""
     step = layout_op(node)
     if step is None or step.kind not in (STACK, CAT):
         return ()
     items = tuple(node.args[0] if node.args else node.kwargs["tensors"])
-    return (items[0].args[0], *items)
+    return (items[0].args[0], *items) if _is_item(items[0]) else items
 
 
 def joined_by(node: Node) -> Node | None:
-    """The join that reads `node` as one of its pieces (the split node or a getitem of it)."""
-    parent = node.args[0] if _is_item(node) else node
-    for item in parent.users:
-        for join in item.users:
+    """The join that reads `node` as one of its pieces (a split node, a getitem of it, a select or slice)."""
+    for user in (node, *node.users):
+        for join in user.users:
             if node in join_pieces(join):
                 return join
     return None

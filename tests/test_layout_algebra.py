@@ -92,3 +92,48 @@ def test_viewable_agrees_with_eager_view(case):
     except RuntimeError:
         eager = False
     assert viewable(tuple(x.shape), tuple(x.stride()), new) == eager
+
+
+def _atom_view(atoms: L.AtomSpace, x: torch.Tensor, layout: L.Layout) -> tuple[torch.Tensor, list[int]]:
+    flat = list(atoms.expand([a for dim in layout for a in dim]))
+    return x.reshape([atoms.sizes[a] for a in flat]), flat
+
+
+@st.composite
+def joins(draw):
+    """A tensor shape, a split of one dim into equal pieces (or unbind), and a stack or cat dim."""
+    nd = draw(st.integers(1, 4))
+    shape = draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd))
+    dim = draw(st.integers(0, nd - 1))
+    shape[dim] *= draw(st.integers(1, 3))
+    squeezed = draw(st.booleans())
+    pieces = shape[dim] if squeezed else draw(st.sampled_from([p for p in range(1, shape[dim] + 1)
+                                                               if shape[dim] % p == 0]))
+    stack = draw(st.booleans())
+    rank = nd - squeezed + stack
+    if rank == 0:
+        stack, rank = True, 1
+    return tuple(shape), dim, pieces, int(squeezed), stack, draw(st.integers(0, rank - 1))
+
+
+@given(joins())
+def test_a_stack_or_cat_of_one_tensors_pieces_moves_atoms_only(case):
+    # every element of the joined tensor is found where the atoms say: the join is a regroup of x
+    shape, dim, pieces, squeezed, stack, join_dim = case
+    x = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    parts = x.unbind(dim) if squeezed else x.chunk(pieces, dim)
+    joined = torch.stack(parts, join_dim) if stack else torch.cat(parts, join_dim)
+    atoms = L.AtomSpace()
+    lay = atoms.root(shape)
+    out = atoms.rejoin(lay, dim, pieces, squeezed, join_dim, stack=stack)
+    assert atoms.shape(out) == tuple(joined.shape)
+    source, order = _atom_view(atoms, x, lay)
+    target, moved = _atom_view(atoms, joined, out)
+    assert sorted(order) == sorted(moved)
+    assert torch.equal(target.permute([moved.index(a) for a in order]), source)
+
+
+def test_unequal_pieces_are_refused():
+    atoms = L.AtomSpace()
+    with pytest.raises(L.LayoutError):
+        atoms.rejoin(atoms.root((6, 2)), 0, 4, 0, 0, stack=False)
