@@ -29,13 +29,19 @@ Steps of `match_sites(graph)`:
    same local-head count, up to the KV group; a mask broadcast over heads is shared by all chunks,
    a per-head mask is a local input.
 3. Walk back from each per-head input through layout ops to a wait and its all-to-all (or call it
-   local), and from each all-to-all's input to its root. Check each receive node is used only on
-   the way to attention (the attention's own inputs may also escape).
+   local), and from each all-to-all's input to its root. A stack or cat of one tensor's pieces is a
+   layout op (its pieces join the path), and the fresh buffer of an in-place exchange and its fill
+   stand for the wait. Check each receive node is used only on the way to attention (the
+   attention's own inputs may also escape). When no per-head input arrives from an all-to-all, the
+   reason names why: no all-to-all in the graph, a graph input (graph break), make_fx's
+   non-functional collective, a copy that is no alias of the result, an op that is not a layout
+   op, or a forward attention recomputed in a backward graph.
 4. Follow the atoms from each root through the send path, the exchange and the receive tree; read
    the head atom at the input's head axis and prove: the destination-rank factor sits right above
    the head atom at the root (the exchange scatters heads) and the source-rank factor leads the
    sequence axis (it gathers sequence).
-5. Walk forward from each per-head output to an output all-to-all and prove it scatters sequence
+5. Walk forward from each per-head output (through layout ops and joins of its pieces) to an
+   output all-to-all and prove it scatters sequence
    while keeping the head atom whole, so per-chunk receive buffers can be concatenated on it; other
    uses of an output are escapes.
 Every failed proof is a `Skip` with a reason; a skipped site is never touched.

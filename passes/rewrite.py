@@ -14,6 +14,8 @@ Steps of `rewrite_site(graph, site, plan)`:
 1. For each chunk and each input exchange: slice at the slice point (or view the send buffer by
    atoms and slice it), replay the rest of the send path with the chunk's sizes, exchange, wait,
    and replay the receive tree up to the attention's inputs; slice local inputs on their head axis.
+   A stack or cat of one tensor's pieces is replayed from the atoms (view, permute, reshape), so
+   its split sizes follow the chunk; its pieces are not replayed.
 2. Per chunk: the attention op on the chunk's inputs; for each output exchange, replay the output
    path, exchange, wait.
 3. Reassemble: view each chunk's receive buffer by atoms, concatenate on the head atom, view back

@@ -6,8 +6,11 @@ import pytest
 import torch
 from hcms_compile.passes import layout as L
 from hcms_compile.passes.emit import viewable
+from hcms_compile.passes.ops import CAT, STACK, layout_op, target_name
 from hypothesis import given
 from hypothesis import strategies as st
+
+from hcms_compile.testing.tracing import trace
 
 
 def test_reshape_splits_an_axis_into_rank_and_local_heads():
@@ -137,3 +140,20 @@ def test_unequal_pieces_are_refused():
     atoms = L.AtomSpace()
     with pytest.raises(L.LayoutError):
         atoms.rejoin(atoms.root((6, 2)), 0, 4, 0, 0, stack=False)
+
+
+@pytest.mark.parametrize("tracer", ["make_fx", "dynamo"])
+def test_only_a_stack_or_cat_of_one_tensors_pieces_in_order_is_a_layout_op(tracer):
+    def fn(x, y, z):
+        return (torch.stack(x.chunk(2, 1)), torch.cat(x.unbind(0), 1),  # pieces of x, in order
+                torch.stack([x, y, z]),  # three tensors (a fused qkv send): not a layout op
+                torch.cat(list(reversed(x.unbind(0))), 1),  # reordered
+                torch.cat(x.chunk(2, 1)[:1], 1),  # one piece of two
+                torch.cat(x.split([1, 3], 1), 1))  # unequal pieces
+
+    gm = trace(fn, [torch.zeros(2, 4, 3) for _ in range(3)], tracer)
+    joins = [n for n in gm.graph.nodes if n.op == "call_function" and target_name(n) in ("stack", "cat")]
+    assert len(joins) == 6
+    kinds = [getattr(layout_op(n), "kind", None) for n in joins]
+    assert kinds == [STACK, CAT, None, None, None, None]
+    assert layout_op(joins[0]).dims == (1, 2, 0, 0) and layout_op(joins[1]).dims == (0, 2, 1, 1)
