@@ -489,7 +489,8 @@ class _Matcher:
             parent, _ = item
             return L.select(self.layouts[layout_op(parent).source], layout_op(parent).dims[0])
         step = layout_op(node)
-        assert step is not None
+        if step is None:
+            raise LayoutError(f"{node.name} ({target_name(node)}) is not a layout op")
         if step.kind == UNBIND:
             return ()
         src = self.layouts[step.source]
@@ -758,10 +759,7 @@ class _Matcher:
 def _private_join(source: Node, piece: Node) -> Node | None:
     """The join that regroups `source` through `piece`, when its pieces feed nothing but the join."""
     join = joined_by(piece)
-    if join is None or layout_op(join).source is not source:
-        return None
-    inside = {*join_pieces(join), join}
-    return join if all(set(p.users) <= inside for p in join_pieces(join)) else None
+    return join if join is not None and layout_op(join).source is source else None
 
 
 def _later_piece(source: Node, user: Node) -> bool:

@@ -297,10 +297,12 @@ def join_pieces(node: Node) -> tuple[Node, ...]:
 
 
 def joined_by(node: Node) -> Node | None:
-    """The join that reads `node` as one of its pieces (a split node, a getitem of it, a select or slice)."""
+    """The join that reads `node` as one of its pieces (a split node, a getitem of it, a select or
+    slice), when the pieces feed nothing but that join: then they need no layout or replay of their own."""
     for user in (node, *node.users):
         for join in user.users:
-            if node in join_pieces(join):
+            pieces = join_pieces(join)
+            if node in pieces and all(set(p.users) <= {*pieces, join} for p in pieces):
                 return join
     return None
 
@@ -453,7 +455,7 @@ def _is_fresh(node: Node) -> bool:
     before a copy of the same shape overwrites all of them."""
     if node.op not in ("call_function", "call_method") or target_name(node) not in _FRESH:
         return False
-    return node.kwargs.get("memory_format", torch.preserve_format) in (torch.preserve_format,
+    return node.kwargs.get("memory_format", torch.preserve_format) in (None, torch.preserve_format,
                                                                        torch.contiguous_format)
 
 

@@ -640,3 +640,19 @@ def test_a_recomputed_forward_attention_in_the_backward_graph_is_named():
     assert any(s.rewritten for s in graphs.backward.sites)
     assert before.count("_scaled_dot_product_flash_attention_for_cpu.default(") == \
         graphs.backward.graph_module.code.count("_scaled_dot_product_flash_attention_for_cpu.default(")
+
+
+def test_pieces_shared_by_two_joins_are_followed_as_selects():
+    # q and k are two cats of the same unbound pieces: each cat is a layout op of the received tensor,
+    # and the pieces, read by both, are replayed like any select
+    g = ranks.group(P)
+
+    def fn(q, k_in, v):
+        pieces = _head_blocks(q, g).unbind(0)
+        q = torch.cat(pieces, dim=1).transpose(1, 2)
+        k = torch.cat([pieces[0], pieces[1]], dim=1).transpose(1, 2)
+        return _gather_heads(F.scaled_dot_product_attention(q, k, _scatter_heads(v + k_in, g)), g)
+
+    for tracer in ("make_fx", "dynamo"):
+        (site,) = _rewritten(fn, tracer=tracer)
+        assert site.exchanges == 2  # q and k share one exchange, v has its own
