@@ -7,13 +7,14 @@ Terms
   kind and the arguments the dimension algebra needs.
 - attention op: SDPA in any of its forms; `AttentionOp` says where q, k, v and the options sit.
 - exchange op: the functional all-to-all; a wait is the node that completes it.
-
 - join: a stack or cat whose inputs are all the pieces of one split, chunk or unbind of a single
-  tensor, in order (`torch.stack(x.chunk(P, d))`, `torch.cat(x.unbind(0), d)`). It only regroups
-  that tensor, so it is a layout op whose source is the split's input; the split node and its
-  getitems are its pieces (`join_pieces`). A stack of several different tensors is not a layout op.
-- in-place exchange: a collective whose result a fresh `empty_like` buffer receives by `copy_`
-  (Dynamo, export) or by the functional `copy` (AOTAutograd); `inplace_fill` finds the fill.
+  tensor, in order (`torch.stack(x.chunk(P, d))`, `torch.cat(x.unbind(0), d)`, or the selects and
+  slices AOTAutograd writes for their backward). It only regroups that tensor, so it is a layout op
+  whose source is the split's input; the split node and its getitems (or the selects or slices)
+  are its pieces (`join_pieces`). A stack of several different tensors is not a layout op.
+- in-place exchange: a collective whose result a fresh buffer (`empty_like`, `zeros_like`,
+  `new_empty`, ...) receives by `copy_` (Dynamo, export) or by the functional `copy`
+  (AOTAutograd); `inplace_fill` finds the fill.
 
 Steps of `layout_op(node)`:
 1. Normalise the target to a name (`aten.view.default`, `torch.reshape` and `x.reshape()` are all
@@ -237,7 +238,8 @@ def _slices(pieces: Sequence[Node]) -> tuple[Node, int, int, int] | None:
             return None
         calls.append({"dim": 0, "start": None, "end": None, "step": 1, **dict(zip(params, piece.args, strict=False)),
                       **piece.kwargs})
-    if not shape or any(c["self"] is not source or c["dim"] != calls[0]["dim"] for c in calls):
+    if not shape or not all(isinstance(n, int) for n in shape) or not isinstance(calls[0]["dim"], int) \
+            or any(c["self"] is not source or c["dim"] != calls[0]["dim"] for c in calls):
         return None
     dim = calls[0]["dim"] % len(shape)
     size, count = shape[dim], len(pieces)
