@@ -16,7 +16,10 @@ an output layout by rules alone:
 3. squeeze and unsqueeze: drop or add an empty dim.
 4. select (and unbind, and an equal split): fix the index of a whole dim; its atoms disappear.
 5. identity (contiguous, clone, detach, alias, wait on an already waited tensor).
-6. broadcast (expand of a size-1 dim, repeat_interleave): a fresh "broadcast" atom, whose index
+6. join (a stack or cat of all the pieces of one split, chunk or unbind, in order): cut the split
+   dim into (pieces, piece size) by rule 1; the pieces factor becomes the stacked dim, or the
+   leading factor of the cat dim. Unbind pieces have size 1, so their dim disappears.
+7. broadcast (expand of a size-1 dim, repeat_interleave): a fresh "broadcast" atom, whose index
    does not come from the source at all; every position along it reads the same source element.
    Explicitly repeated keys and values (repeat_kv) carry one inside their head axis.
 
@@ -120,6 +123,20 @@ class AtomSpace:
         if flat:
             raise LayoutError(f"reshape to {tuple(shape)} does not match the input's size")
         return tuple(out)
+
+    def rejoin(self, layout: Layout, split_dim: int, pieces: int, squeezed: int, join_dim: int, *,
+               stack: bool) -> Layout:
+        """`stack(x.split(..., split_dim), join_dim)` or `cat(...)` of all the `pieces` in order: x
+        regrouped, the pieces factor moved to `join_dim`. `squeezed` says the pieces lost the split
+        dim (unbind)."""
+        size = self.size(layout[split_dim])
+        if size % pieces or (squeezed and size != pieces):
+            raise LayoutError(f"{pieces} pieces of a dim of size {size} are not equal")
+        outer, inner = self.regroup((layout[split_dim],), (pieces, size // pieces))
+        rest = layout[:split_dim] + (() if squeezed else (inner,)) + layout[split_dim + 1 :]
+        if stack:
+            return rest[:join_dim] + (outer,) + rest[join_dim:]
+        return rest[:join_dim] + (outer + rest[join_dim],) + rest[join_dim + 1 :]
 
     def broadcast_to(self, layout: Layout, source: Sequence[int], target: Sequence[int]) -> Layout:
         """`expand(target)`: new leading dims and size-1 dims grown to n get broadcast atoms."""

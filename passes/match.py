@@ -29,13 +29,19 @@ Steps of `match_sites(graph)`:
    same local-head count, up to the KV group; a mask broadcast over heads is shared by all chunks,
    a per-head mask is a local input.
 3. Walk back from each per-head input through layout ops to a wait and its all-to-all (or call it
-   local), and from each all-to-all's input to its root. Check each receive node is used only on
-   the way to attention (the attention's own inputs may also escape).
+   local), and from each all-to-all's input to its root. A stack or cat of one tensor's pieces is a
+   layout op (its pieces join the path), and the fresh buffer of an in-place exchange and its fill
+   stand for the wait. Check each receive node is used only on the way to attention (the
+   attention's own inputs may also escape). When no per-head input arrives from an all-to-all, the
+   reason names why: no all-to-all in the graph, a graph input (graph break), make_fx's
+   non-functional collective, a copy that is no alias of the result, an op that is not a layout
+   op, or a forward attention recomputed in a backward graph.
 4. Follow the atoms from each root through the send path, the exchange and the receive tree; read
    the head atom at the input's head axis and prove: the destination-rank factor sits right above
    the head atom at the root (the exchange scatters heads) and the source-rank factor leads the
    sequence axis (it gathers sequence).
-5. Walk forward from each per-head output to an output all-to-all and prove it scatters sequence
+5. Walk forward from each per-head output (through layout ops and joins of its pieces) to an
+   output all-to-all and prove it scatters sequence
    while keeping the head atom whole, so per-chunk receive buffers can be concatenated on it; other
    uses of an output are escapes.
 Every failed proof is a `Skip` with a reason; a skipped site is never touched.
@@ -54,6 +60,7 @@ from torch.fx import Graph, Node
 from . import layout as L
 from .layout import Atom, AtomSpace, Layout, LayoutError
 from .ops import (
+    CAT,
     EXPAND,
     IDENTITY,
     NEW_AXES,
@@ -62,6 +69,7 @@ from .ops import (
     REPEAT,
     SELECT,
     SQUEEZE,
+    STACK,
     TRANSPOSE,
     UNBIND,
     UNSQUEEZE,
@@ -72,6 +80,8 @@ from .ops import (
     inplace_fill,
     is_all_to_all,
     is_wait,
+    join_pieces,
+    joined_by,
     layout_op,
     mutated_args,
     storage_root,
@@ -198,7 +208,8 @@ def world_size_of(group: Any) -> int:
     try:
         return _resolve_process_group(group if not isinstance(group, int) else str(group)).size()
     except Exception as err:  # noqa: BLE001 - any failure means the group is unknown here
-        raise NoMatch(f"cannot resolve process group {group!r}: {err}") from None
+        raise NoMatch(f"cannot resolve process group {group!r}: {err} (rewrite where the group exists: "
+                      "on the ranks, after init_process_group)") from None
 
 
 def match_sites(graph: Graph) -> list[Site | Skip]:
@@ -267,7 +278,8 @@ class _Matcher:
     def _check_options(self, args: dict[str, Any]) -> None:
         dropout = args.get("dropout_p", 0.0)
         if not isinstance(dropout, (int, float)) or dropout != 0.0:
-            raise NoMatch(f"dropout_p={dropout}: per-chunk random streams would change the bits")
+            raise NoMatch(f"dropout_p={dropout}: per-chunk random streams would change the bits; "
+                          "sites are chunked with dropout off (dropout_p=0, e.g. in eval mode)")
 
     def _head_inputs(self, args: dict[str, Any]) -> dict[str, Node]:
         heads = {name: args.get(name) for name in self.op.head_params}
@@ -298,7 +310,8 @@ class _Matcher:
             raise NoMatch(f"per-head inputs disagree on the head count {counts}")
         lead = {name: shape_of(n)[:-3] for name, n in heads.items() if self.op.head_params[name] == -3}
         if len(set(lead.values())) != 1:
-            raise NoMatch(f"batch dims differ {lead}: broadcast is not chunked yet")
+            raise NoMatch(f"batch dims differ {lead}: attention that broadcasts over batch is not chunked yet; "
+                          "expand q, k and v to one batch shape")
         self.local_heads = q_heads
         self._add_mask(args, heads)
         return heads
@@ -335,23 +348,26 @@ class _Matcher:
         # step 3: per-head inputs back to their exchanges, or local
         routes: dict[Node, tuple[list[str], set[Node], Node]] = {}
         local: dict[str, int] = {}
+        unexchanged: dict[str, str] = {}  # per-head input -> why it does not come from an all-to-all
         for name, node in heads.items():
             if name == self.op.mask:
                 local[name] = -3  # a per-head mask belongs to this rank's heads already
                 continue
             try:
                 a2a, wait, path = self._walk_back(name, node)
-            except NoMatch:
+            except NoMatch as err:
                 local[name] = self.op.head_params[name]
+                unexchanged[name] = str(err)
                 continue
             feeds, nodes, _ = routes.setdefault(a2a, ([], set(), wait))
             feeds.append(name)
             nodes.update(path)
         if not routes:
-            raise NoMatch("no per-head input arrives from an all-to-all")
+            raise NoMatch(self._no_exchange(heads, unexchanged))
         groups = {exchange_args(a2a).group for a2a in routes}
         if len(groups) != 1:
-            raise NoMatch("the inputs are exchanged over different process groups")
+            raise NoMatch("the inputs are exchanged over different process groups: a site is one Ulysses group's "
+                          "exchanges")
         (group,) = groups
         world = self.world_size = world_size_of(group)
         exchanges = []
@@ -384,7 +400,8 @@ class _Matcher:
         while node is not self.attention:
             if node not in fills and any(storage_root(arg) in storages for arg in mutated_args(node)):
                 raise NoMatch(f"{node.name} writes in place to storage an input all-to-all sends; moving the "
-                              "chunked sends past it is not safe")
+                              "chunked sends past it is not safe: make that write out of place, or move it "
+                              "after the attention")
             node = node.next
 
     def _check_locals_independent(self, exchanges: list[InputExchange], local: dict[str, Node]) -> None:
@@ -404,6 +421,20 @@ class _Matcher:
                 seen.add(current)
                 stack.extend(current.all_input_nodes)
 
+    def _no_exchange(self, heads: dict[str, Node], unexchanged: dict[str, str]) -> str:
+        """Why no per-head input arrives from an all-to-all, naming the fix where there is one."""
+        graph = self.attention.graph
+        query = heads["query"]
+        if not self.op.backward and any(getattr(attention_op(u), "backward", False) for u in query.users):
+            return ("a forward attention op recomputed from saved tensors in the backward graph: the backward "
+                    "attention op is the site, this recompute is left alone (nothing to fix)")
+        if not any(is_all_to_all(n) or n.op == "call_function" and _namespace(n) == "c10d" for n in graph.nodes):
+            return ("no all-to-all in this graph: attention without sequence parallelism is left alone (if this "
+                    "model does exchange q, k and v, the exchange is in another graph: look for a graph break)")
+        names = [n for n in heads if n in unexchanged and (n != "query" or not self.op.backward)]
+        first = "grad_out" if self.op.backward and "grad_out" in unexchanged else next(iter(names), "query")
+        return unexchanged.get(first, "no per-head input arrives from an all-to-all")
+
     def _walk_back(self, name: str, node: Node) -> tuple[Node, Node, list[Node]]:
         """From q, k or v back through layout ops to the wait that completes an all-to-all."""
         path: list[Node] = []
@@ -414,16 +445,17 @@ class _Matcher:
                 node = item[0]
             fill = inplace_fill(node)
             if fill is not None:
-                path.append(node)
+                path += [node, fill, fill.args[0]]  # the buffer and its fill both stand for the wait
                 node = fill.args[1]
                 break
             step = layout_op(node)
             if step is None:
                 break
-            path.append(node)
+            path += [node, *join_pieces(node)]
             node = step.source
         if not is_wait(node):
-            raise NoMatch(f"{name} reaches {node.name} ({target_name(node)}) before any all-to-all")
+            feeds_exchange = any(is_all_to_all(n) for n in _reachable(self.attention))
+            raise NoMatch(_not_exchanged(name, node, feeds_exchange))
         a2a = node.args[0]
         if not is_all_to_all(a2a):
             raise NoMatch(f"{name} waits on {a2a.name} ({target_name(a2a)}), which is not an all-to-all")
@@ -441,6 +473,7 @@ class _Matcher:
             step = layout_op(node)
             if step is None or is_wait(node):
                 return tuple(reversed(path))
+            path += reversed(join_pieces(node))
             node = step.source
             path.append(node)
 
@@ -449,12 +482,15 @@ class _Matcher:
         fill = inplace_fill(node)
         if fill is not None:
             return self.layouts[fill.args[1]]
+        if joined_by(node) is not None:
+            return ()  # a piece of a join: the join is followed from the split's input
         item = unbind_item(node)
         if item is not None:
             parent, _ = item
             return L.select(self.layouts[layout_op(parent).source], layout_op(parent).dims[0])
         step = layout_op(node)
-        assert step is not None
+        if step is None:
+            raise LayoutError(f"{node.name} ({target_name(node)}) is not a layout op")
         if step.kind == UNBIND:
             return ()
         src = self.layouts[step.source]
@@ -480,13 +516,16 @@ class _Matcher:
             for pos in step.dims:
                 src = L.unsqueeze(src, pos)
             return src
+        if step.kind in (STACK, CAT):
+            return self.atoms.rejoin(src, *step.dims, stack=step.kind == STACK)
         raise LayoutError(f"no rule for {step.kind}")
 
     # -- step 4 --------------------------------------------------------------------------------
     def _input_exchange(self, a2a: Node, wait: Node, feeds: list[str], nodes: set[Node],
                         heads: dict[str, Node], world: int) -> InputExchange:
         if len(a2a.users) != 1:
-            raise NoMatch(f"{a2a.name} has {len(a2a.users)} users; expected one wait")
+            raise NoMatch(f"{a2a.name} has {len(a2a.users)} users; expected one wait (its result is read unwaited, "
+                      "or waited more than once)")
         if any(self.op.head_params[name] != -3 for name in feeds):
             raise NoMatch(f"{', '.join(feeds)} arrive from {a2a.name}, but only [.., H, S, D] inputs may")
         if self.kv_group > 1 and len({name in KV for name in feeds}) > 1:
@@ -510,7 +549,9 @@ class _Matcher:
         for node in {wait, *receive} - terminals:
             outside = [u.name for u in node.users if u not in allowed]
             if outside:
-                raise NoMatch(f"{node.name} (between {a2a.name} and attention) is also used by {outside}")
+                raise NoMatch(f"{node.name} (between {a2a.name} and attention) is also used by {outside}, which "
+                              "would not see whole tensors once chunked; let those users read the attention's "
+                              "input instead (it is reassembled), or compute them before the all-to-all")
         for node in receive:
             self.layouts[node] = self._follow(node)
 
@@ -581,7 +622,8 @@ class _Matcher:
                 if any(dim[i : i + len(wanted)] == wanted for i in range(len(dim))):
                     return
         raise NoMatch(f"{a2a.name} does not scatter heads: no tensor on its send path has the rank factor "
-                      "directly above the local heads in one dim")
+                      "directly above the local heads in one dim (rank r must receive heads [r*H/P, (r+1)*H/P); "
+                      "heads dealt out in strides are not chunked)")
 
     def _input_escapes(self, exchanges: list[InputExchange], heads: dict[str, Node]) -> tuple[Escape, ...]:
         escapes: dict[Node, Escape] = {}
@@ -608,8 +650,8 @@ class _Matcher:
             axis = self.op.head_outputs[index] % len(shape_of(source))
             outside: list[Node] = []
             for user in source.users:
-                if inplace_fill(user) is not None:
-                    continue  # the buffer an in-place exchange fills; the exchange owns it
+                if inplace_fill(user) is not None or _later_piece(source, user):
+                    continue  # the buffer an in-place exchange fills, or a piece the first one's walk covers
                 found = self._output_exchange(index, source, user, first, heads, group, world)
                 if found is None:
                     outside.append(user)
@@ -667,12 +709,16 @@ class _Matcher:
             self.layouts[source], self._heads_out[source] = self._mirror(source, first, heads, divisor)
         head = self._heads_out[source]
         while not is_all_to_all(user):
+            join = _private_join(node, user)
+            if join is not None:  # a stack or cat of `node`'s pieces: follow the join from `node`
+                path += join_pieces(join)
+                user = join
             step = layout_op(user)
             if step is None or step.source is not node or step.kind == UNBIND:
                 return None
             self.layouts[user] = self._follow(user)
             path.append(user)
-            onward = [u for u in user.users if inplace_fill(u) is None]
+            onward = [u for u in user.users if inplace_fill(u) is None and not _later_piece(user, u)]
             if len(onward) != 1:
                 if any(is_all_to_all(u) for u in _reachable(user)):
                     raise NoMatch(f"the path from attention output {index} to an all-to-all branches at "
@@ -708,6 +754,70 @@ class _Matcher:
                 raise NoMatch(f"{a2a.name} does not scatter the sequence: the rank factor is not the "
                               "leading factor of the attention output's sequence axis")
         return OutputExchange(index, source, tuple(path), a2a, wait, head, fill)
+
+
+def _private_join(source: Node, piece: Node) -> Node | None:
+    """The join that regroups `source` through `piece`, when its pieces feed nothing but the join."""
+    join = joined_by(piece)
+    return join if join is not None and layout_op(join).source is source else None
+
+
+def _later_piece(source: Node, user: Node) -> bool:
+    """`user` is one of several pieces of `source` that one join reads: the walk follows the first."""
+    join = _private_join(source, user)
+    return join is not None and join_pieces(join)[0] is not user
+
+
+def _not_exchanged(name: str, node: Node, feeds_exchange: bool) -> str:
+    """Why the walk back from per-head input `name` stopped at `node`, a node that is no wait.
+    `feeds_exchange`: the attention's result reaches an all-to-all (the output half of a site)."""
+    if node.op == "placeholder" and feeds_exchange:
+        return (f"{name} is a graph input: the all-to-all is in another graph (graph break?); compile with "
+                "fullgraph=True or remove the break")
+    writers = [u for u in node.users if node in mutated_args(u) and _namespace(u) == "c10d"]
+    if writers:
+        op = f"{_namespace(writers[0])}.{target_name(writers[0])}"
+        return (f"{name} reads {node.name}, the buffer {op} ({writers[0].name}) writes in place: make_fx records "
+                "dist.all_to_all_single as this non-functional collective, which HCMS does not rewrite; trace with "
+                "torch.compile or torch.export (they functionalise it), or call "
+                "torch.distributed._functional_collectives.all_to_all_single")
+    # the walk stopped at a buffer an exchange's result is copied into, or at that copy itself
+    copies = [u for u in (node, *node.users) if target_name(u) in ("copy_", "copy") and len(u.args) > 1
+              and isinstance(u.args[1], Node) and is_wait(u.args[1]) and (u is node or u.args[0] is node)]
+    if copies:
+        return (f"{name} reads {node.name}, a buffer an all-to-all result is copied into, but not as a fresh "
+                "buffer filled once with the same shape and dtype and read only after the copy; use the result "
+                "itself or an empty_like buffer filled once")
+    if any(_reaches_exchange(arg) for arg in node.all_input_nodes):
+        return (f"{name} reaches {node.name} ({_namespace(node)}.{target_name(node)}), which is not a layout op HCMS "
+                "follows, between the all-to-all and the attention; move it before the all-to-all or express "
+                "the layout with view, reshape, permute, transpose, flatten, or a stack/cat of one tensor's pieces")
+    return (f"{name} does not come from an all-to-all (it is computed by {node.name}, {target_name(node)}): "
+            "this graph's all-to-alls feed other ops, so this attention is not a Ulysses site")
+
+
+def _namespace(node: Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[0]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[0]
+    return "Tensor" if node.op == "call_method" else getattr(target, "__module__", None) or "python"
+
+
+def _reaches_exchange(node: Node) -> bool:
+    """Whether `node` is an all-to-all's wait seen through layout ops, joins and in-place fills."""
+    while True:
+        item = unbind_item(node)
+        if item is not None:
+            node = item[0]
+        fill = inplace_fill(node)
+        if fill is not None:
+            node = fill.args[1]
+        step = layout_op(node)  # None for a wait that completes a collective
+        if step is None:
+            return is_wait(node) and is_all_to_all(node.args[0])
+        node = step.source
 
 
 def _reachable(node: Node, limit: int = 64) -> list[Node]:

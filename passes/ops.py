@@ -7,11 +7,20 @@ Terms
   kind and the arguments the dimension algebra needs.
 - attention op: SDPA in any of its forms; `AttentionOp` says where q, k, v and the options sit.
 - exchange op: the functional all-to-all; a wait is the node that completes it.
+- join: a stack or cat whose inputs are all the pieces of one split, chunk or unbind of a single
+  tensor, in order (`torch.stack(x.chunk(P, d))`, `torch.cat(x.unbind(0), d)`, or the selects and
+  slices AOTAutograd writes for their backward). It only regroups that tensor, so it is a layout op
+  whose source is the split's input; the split node and its getitems (or the selects or slices)
+  are its pieces (`join_pieces`). A stack of several different tensors is not a layout op.
+- in-place exchange: a collective whose result a fresh buffer (`empty_like`, `zeros_like`,
+  `new_empty`, ...) receives by `copy_` (Dynamo, export) or by the functional `copy`
+  (AOTAutograd); `inplace_fill` finds the fill.
 
 Steps of `layout_op(node)`:
 1. Normalise the target to a name (`aten.view.default`, `torch.reshape` and `x.reshape()` are all
    "reshape"-like).
-2. Read the dims the op touches from its arguments (Dynamo passes them as varargs or a list).
+2. Read the dims the op touches from its arguments (Dynamo passes them as varargs or a list); for a
+   stack or cat, prove its inputs are the pieces of one split, in order.
 3. Return None for anything else; callers stop their walk there.
 """
 
@@ -40,6 +49,10 @@ IDENTITY = "identity"
 EXPAND = "expand"  # dims: the target sizes
 REPEAT = "repeat"  # dims: (dim, repeats) of repeat_interleave
 NEW_AXES = "new_axes"  # dims: where `x[:, None]`-style indexing inserts size-1 dims
+# a stack or cat of all the pieces of one split/chunk/unbind, in order: a regroup of that one tensor.
+# dims: (split dim, pieces, 1 if the pieces lost the split dim (unbind) else 0, stack or cat dim)
+STACK = "stack"
+CAT = "cat"
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,10 @@ _CALLABLE_OPS: dict[Any, str] = {
     torch.clone: "clone",
     torch.detach: "detach",
     torch.repeat_interleave: "repeat_interleave",
+    torch.stack: "stack",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    torch.concatenate: "cat",
 }
 
 
@@ -113,6 +130,8 @@ def _layout_op(node: Node) -> LayoutOp | None:
     if node.target is operator.getitem and isinstance(node.args[0], Node):
         return _tensor_index(node)
     name = _CALLABLE_OPS.get(node.target, target_name(node)) if node.op == "call_function" else str(node.target)
+    if name in _JOINS:
+        return _join(node, _JOINS[name])
     source = _tensor_input(node)
     if source is None:
         return None
@@ -168,6 +187,126 @@ def _tensor_index(node: Node) -> LayoutOp | None:
     if not isinstance(index, tuple) or any(i is not None and i != full for i in index):
         return None
     return LayoutOp(NEW_AXES, source, tuple(pos for pos, i in enumerate(index) if i is None))
+
+
+_JOINS = {"stack": STACK, "cat": CAT, "concat": CAT, "concatenate": CAT}
+_SPLITS = {"split", "chunk", "unbind", "split_with_sizes", "tensor_split"}
+
+
+def _join(node: Node, kind: str) -> LayoutOp | None:
+    """A stack or cat of all the equal pieces of one tensor, in order; None for anything else (a
+    stack of q, k and v, say, which gathers several tensors)."""
+    pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(pieces, (list, tuple)) or not pieces or not all(isinstance(p, Node) for p in pieces):
+        return None
+    split = _split_items(pieces) or _slices(pieces)
+    if split is None:
+        return None
+    source, dim, count, squeezed = split
+    rank = len(_shape(source)) - squeezed + (kind == STACK)
+    join_dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
+    if not isinstance(join_dim, int) or not -rank <= join_dim < rank:
+        return None
+    return LayoutOp(kind, source, (dim, count, squeezed, join_dim % rank))
+
+
+def _split_items(pieces: Sequence[Node]) -> tuple[Node, int, int, int] | None:
+    """`getitem(split(x), i)` for every piece i of one split, chunk or unbind, in order."""
+    parent = pieces[0].args[0] if pieces[0].args else None
+    if not isinstance(parent, Node):
+        return None
+    split = _split(parent)
+    if split is None:
+        return None
+    if [(p.args[0], p.args[1]) if _is_item(p) else None for p in pieces] != [(parent, i) for i in range(split[2])]:
+        return None
+    return split
+
+
+def _slices(pieces: Sequence[Node]) -> tuple[Node, int, int, int] | None:
+    """`select(x, d, i)` for every i, or `slice(x, d, i*m, (i+1)*m)` for equal blocks covering dim d in
+    order: what AOTAutograd writes for the backward of a stack or cat."""
+    first = pieces[0]
+    if first.op != "call_function" or first.target not in (aten.select.int, aten.slice.Tensor):
+        return None
+    source = first.args[0]
+    shape = _shape(source) if isinstance(source, Node) else ()
+    params = ("self", "dim", "start", "end", "step") if first.target is aten.slice.Tensor else ("self", "dim", "index")
+    calls = []
+    for piece in pieces:
+        if piece.op != "call_function" or piece.target is not first.target:
+            return None
+        calls.append({"dim": 0, "start": None, "end": None, "step": 1, **dict(zip(params, piece.args, strict=False)),
+                      **piece.kwargs})
+    if not shape or not all(isinstance(n, int) for n in shape) or not isinstance(calls[0]["dim"], int) \
+            or any(c["self"] is not source or c["dim"] != calls[0]["dim"] for c in calls):
+        return None
+    dim = calls[0]["dim"] % len(shape)
+    size, count = shape[dim], len(pieces)
+    if first.target is aten.select.int:
+        return (source, dim, count, 1) if [c["index"] for c in calls] == list(range(size)) else None
+    width = size // count
+    blocks = [(c["start"] or 0, size if c["end"] is None else min(c["end"], size), c["step"]) for c in calls]
+    if size % count or blocks != [(i * width, (i + 1) * width, 1) for i in range(count)]:
+        return None
+    return source, dim, count, 0
+
+
+def _is_item(node: Any) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem \
+        and isinstance(node.args[1], int)
+
+
+def _shape(node: Node) -> tuple[int, ...]:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return tuple(getattr(val, "shape", ()))
+
+
+def _split(parent: Node) -> tuple[Node, int, int, int] | None:
+    """(source, dim, piece count, 1 for unbind else 0) of a split of one tensor into equal pieces."""
+    if parent.op not in ("call_function", "call_method"):
+        return None
+    name = _CALLABLE_OPS.get(parent.target, target_name(parent)) if parent.op == "call_function" \
+        else str(parent.target)
+    source = _tensor_input(parent)
+    values = parent.meta.get("val", parent.meta.get("example_value"))
+    if name not in _SPLITS or source is None or not isinstance(values, (list, tuple)) or not values:
+        return None
+    shape = _shape(source)
+    if name == "unbind":
+        dim = parent.args[1] if len(parent.args) > 1 else parent.kwargs.get("dim", 0)
+    else:
+        dim = parent.args[2] if len(parent.args) > 2 else parent.kwargs.get("dim", 0)
+    if not isinstance(dim, int) or not shape or not all(isinstance(s, int) for s in shape):
+        return None
+    dim %= len(shape)
+    count = len(values)
+    squeezed = int(name == "unbind")
+    piece = shape[:dim] + (() if squeezed else (shape[dim] // count,)) + shape[dim + 1:]
+    if shape[dim] % count or any(tuple(getattr(v, "shape", ())) != piece for v in values):
+        return None  # unequal pieces are not one regroup
+    return source, dim, count, squeezed
+
+
+def join_pieces(node: Node) -> tuple[Node, ...]:
+    """The nodes between a join (see `layout_op`) and its source: the split node and its getitems,
+    or the selects or slices; empty for other nodes."""
+    step = layout_op(node)
+    if step is None or step.kind not in (STACK, CAT):
+        return ()
+    items = tuple(node.args[0] if node.args else node.kwargs["tensors"])
+    return (items[0].args[0], *items) if _is_item(items[0]) else items
+
+
+def joined_by(node: Node) -> Node | None:
+    """The join that reads `node` as one of its pieces (a split node, a getitem of it, a select or
+    slice), when the pieces feed nothing but that join: then they need no layout or replay of their own."""
+    for user in (node, *node.users):
+        for join in user.users:
+            pieces = join_pieces(join)
+            if node in pieces and all(set(p.users) <= {*pieces, join} for p in pieces):
+                return join
+    return None
 
 
 def unbind_item(node: Node) -> tuple[Node, int] | None:
@@ -310,37 +449,63 @@ def replace_attention_inputs(node: Node, op: AttentionOp, new: dict[str, Node]) 
 # -- in-place exchanges -------------------------------------------------------------------------
 
 
-def _is_empty_like(node: Node) -> bool:
-    if node.op != "call_function":
+_FRESH = {"empty_like", "zeros_like", "empty", "zeros", "new_empty", "new_zeros"}
+
+
+def _is_fresh(node: Node) -> bool:
+    """A new dense buffer (`torch.empty_like(x)`, `x.new_empty(shape)`, ...) whose contents nobody reads
+    before a copy of the same shape overwrites all of them."""
+    if node.op not in ("call_function", "call_method") or target_name(node) not in _FRESH:
         return False
-    return node.target in (torch.empty_like, aten.empty_like.default) and node.kwargs.get(
-        "memory_format", torch.preserve_format) in (torch.preserve_format, torch.contiguous_format)
+    return node.kwargs.get("memory_format", torch.preserve_format) in (None, torch.preserve_format,
+                                                                       torch.contiguous_format)
 
 
 def _is_copy(node: Node) -> bool:
+    """`buffer.copy_(src)`: Dynamo's `call_method`, or export's `aten.copy_`."""
     if node.op == "call_method":
         return node.target == "copy_"
     return node.op == "call_function" and node.target in (aten.copy_.default, torch.Tensor.copy_)
 
 
-def inplace_fill(buffer: Node) -> Node | None:
-    """The `copy_(buffer, wait)` that fills a fresh `empty_like` buffer with a collective's result.
+def _is_functional_copy(node: Node) -> bool:
+    """`aten.copy(buffer, src)`: AOTAutograd's functional form of `copy_`; its result is the filled buffer."""
+    return node.op == "call_function" and node.target is aten.copy.default
 
-    Dynamo turns `dist.all_to_all_single(out, x)` into a functional all-to-all, a wait and
-    `out.copy_(result)`; readers then read `out`. The buffer is an alias of the wait when it is
-    fresh, filled once, and read only after the fill.
+
+def inplace_fill(node: Node) -> Node | None:
+    """The node that fills a fresh receive buffer with a collective's result, for that buffer or for
+    the fill itself; None for any other node.
+
+    `dist.all_to_all_single(out, x)` with `out = torch.empty_like(...)` (or another fresh buffer) reaches the graph as a
+    functional all-to-all, a wait, and then one of: `out.copy_(result)` that later nodes read through
+    `out` (Dynamo) or through copy_'s result (export), or `copy(out, result)` whose result is read
+    (AOTAutograd functionalisation). Either way the buffer and the fill alias the wait when the
+    buffer is fresh, filled once with the same shape and dtype, and read only after the fill.
     """
-    if not _is_empty_like(buffer):
+    if (_is_copy(node) or _is_functional_copy(node)) and isinstance(node.args[0], Node):
+        return node if _buffer_fill(node.args[0]) is node else None
+    return _buffer_fill(node)
+
+
+def _buffer_fill(buffer: Node) -> Node | None:
+    if not _is_fresh(buffer):
         return None
-    fills = [u for u in buffer.users if _is_copy(u) and u.args[0] is buffer]
-    if len(fills) != 1 or fills[0].users:
+    fills = [u for u in buffer.users if (_is_copy(u) or _is_functional_copy(u)) and u.args[0] is buffer]
+    if len(fills) != 1:
         return None
     fill = fills[0]
     source = fill.args[1]
     if not (isinstance(source, Node) and is_wait(source)):
         return None
+    have, want = (n.meta.get("val", n.meta.get("example_value")) for n in (buffer, source))
+    if getattr(have, "shape", None) != getattr(want, "shape", None) or _dtype(buffer) != _dtype(source):
+        return None  # copy broadcasts and converts: not an alias of the wait
+    others = [u for u in buffer.users if u is not fill]
+    if _is_functional_copy(fill) and others:
+        return None  # readers of the buffer itself read the uninitialised memory, not the result
     order = {n: i for i, n in enumerate(buffer.graph.nodes)}
-    if any(order[u] < order[fill] for u in buffer.users if u is not fill):
+    if any(order[u] < order[fill] for u in others):
         return None
     return fill
 
@@ -358,6 +523,11 @@ def mutated_args(node: Node) -> list[Node]:
         return []
     if isinstance(target, torch._ops.OpOverloadPacket):
         target = getattr(target, "default", None) or target
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "c10d" and target._schema.name.endswith("_"):
+        # the non-functional collectives (alltoall_base_, allreduce_, ...) write their first argument,
+        # a tensor or a list of them, though their schemas do not say so
+        first = node.args[0] if node.args else None
+        return [t for t in (first if isinstance(first, (list, tuple)) else [first]) if isinstance(t, Node)]
     if isinstance(target, torch._ops.OpOverload):
         values = dict(zip((a.name for a in target._schema.arguments), node.args, strict=False)) | dict(node.kwargs)
         return [values[a.name] for a in target._schema.arguments

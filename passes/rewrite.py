@@ -14,6 +14,8 @@ Steps of `rewrite_site(graph, site, plan)`:
 1. For each chunk and each input exchange: slice at the slice point (or view the send buffer by
    atoms and slice it), replay the rest of the send path with the chunk's sizes, exchange, wait,
    and replay the receive tree up to the attention's inputs; slice local inputs on their head axis.
+   A stack or cat of one tensor's pieces is replayed from the atoms (view, permute, reshape), so
+   its split sizes follow the chunk; its pieces are not replayed.
 2. Per chunk: the attention op on the chunk's inputs; for each output exchange, replay the output
    path, exchange, wait.
 3. Reassemble: view each chunk's receive buffer by atoms, concatenate on the head atom, view back
@@ -34,7 +36,18 @@ from torch.fx import Graph, Node
 from .emit import Emitter
 from .layout import Atom, Layout
 from .match import Escape, InputExchange, Site, shape_of
-from .ops import EXPAND, REGROUP, exchange_args, inplace_fill, layout_op, replace_attention_inputs
+from .ops import (
+    CAT,
+    EXPAND,
+    REGROUP,
+    STACK,
+    aten,
+    exchange_args,
+    inplace_fill,
+    joined_by,
+    layout_op,
+    replace_attention_inputs,
+)
 from .plan import ChunkPlan
 from .schedule import ChunkStages, apply_order, pipeline_order
 
@@ -67,14 +80,29 @@ class _SiteWriter:
             if fill is not None:  # the in-place buffer is the wait's result under another name
                 mapping[node] = mapping[fill.args[1]]
                 continue
+            if joined_by(node) is not None:
+                continue  # a piece of a stack or cat: the join is replayed from the split's input
             step = layout_op(node)
             if step is not None and step.kind == REGROUP:
                 shape = self.atoms.shape(layouts[node], override)
                 mapping[node] = self.emit.reshape(mapping[step.source], shape, like=node)
             elif step is not None and step.kind == EXPAND:
                 mapping[node] = self.emit.expand(mapping[step.source], self.atoms.shape(layouts[node], override))
+            elif step is not None and step.kind in (STACK, CAT):
+                mapping[node] = self.regroup(mapping[step.source], layouts[step.source], layouts[node], override)
             else:
                 mapping[node] = self.emit.copy(node, mapping)
+
+    def regroup(self, x: Node, source: Layout, target: Layout, override: dict[Atom, int]) -> Node:
+        """`x` (laid out as `source`) moved to `target`, which orders the same atoms otherwise: a view
+        with one dim per atom, a permute, and a reshape. Replays a join with the chunk's sizes."""
+        flat = self.atoms.expand([a for dim in source for a in dim])
+        order = self.atoms.expand([a for dim in target for a in dim])
+        view = self.emit.reshape(x, [override.get(a, self.atoms.sizes[a]) for a in flat])
+        dims = [flat.index(a) for a in order]
+        moved = self.emit.method("permute", view, dims) if self.emit.dialect == "torch" \
+            else self.emit.call(aten.permute.default, view, dims)
+        return self.emit.reshape(moved, self.atoms.shape(target, override))
 
     def atom_view(self, node: Node, layout: Layout, head: Atom, override: dict[Atom, int]) -> tuple[Node, int]:
         """`node` (contiguous, with `layout`) viewed with one dim per atom, and the head dim."""
@@ -190,6 +218,7 @@ class _SiteWriter:
         for out, result in zip(site.outputs, results, strict=True):
             if out.fill is not None:
                 buffer = out.fill.args[0]
+                out.fill.replace_all_uses_with(result)  # export and AOTAutograd read the fill's result
                 graph.erase_node(out.fill)
                 buffer.replace_all_uses_with(result)
                 graph.erase_node(buffer)

@@ -8,11 +8,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from hcms_compile.passes.ops import target_name
 from torch import Tensor
 from torch.distributed._local_tensor import LocalTensor, LocalTensorMode
 
-from hcms_compile.testing import layouts
+import hcms_compile
+from hcms_compile.testing import assert_equivalent, layouts, ranks
 from hcms_compile.testing.layouts import LAYOUTS, Layout
+from hcms_compile.testing.strategies import UlyssesCase
+from hcms_compile.testing.tracing import trace
+from tests.helpers import assert_bitwise_on_ranks
 
 B, S, D = 2, 12, 8  # S divisible by every P below
 
@@ -110,6 +115,58 @@ def test_dist_inplace_compiles_fullgraph(
     torch._dynamo.reset()
     compiled = torch.compile(lay.fn, backend="eager", fullgraph=True)
     _check(monkeypatch, lay, compiled, fake_group(2), 2, 4, is_causal=True)
+
+
+def _unused(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_method") and not n.users
+               and target_name(n) != "wait_tensor")
+
+
+# Dynamo keeps `out.copy_(result)` and reads `out`; export reads copy_'s result; AOTAutograd
+# functionalises it into `copy(out, result)`. make_fx records the non-functional c10d collective
+# instead: a skip with its own reason (tests/test_skips.py), so that pair is not drawn here.
+FRONT_ENDS = [(name, tracer) for name in ("dist_inplace", "stack_cat", "stack_chunk")
+              for tracer in ("make_fx", "export", "dynamo", "aot") if (name, tracer) != ("dist_inplace", "make_fx")]
+
+
+@pytest.mark.parametrize(("name", "tracer"), FRONT_ENDS)
+def test_in_place_and_stack_cat_layouts_are_rewritten_bitwise_by_every_front_end(name: str, tracer: str) -> None:
+    case = UlyssesCase(name, 4, 2, 3, 8, 8, torch.float32, True, (2, 1))
+    gm = trace(case.function(), case.example_inputs(), tracer)
+    result = hcms_compile.rewrite(gm, chunks=case.chunks)
+    (site,) = result.sites
+    assert site.rewritten and site.chunk_sizes == (2, 1), site.reason
+    assert_bitwise_on_ranks(gm, result.graph_module, case)
+    left = [n for n in result.graph_module.graph.nodes if target_name(n) in ("empty_like", "copy", "copy_")]
+    assert not left, f"the in-place buffers and fills of the site should be gone: {left}"
+    assert _unused(result.graph_module) <= _unused(gm), "the rewrite left pieces of a stack or cat behind"
+
+
+@pytest.mark.parametrize("name", ["dist_inplace", "stack_cat", "stack_chunk"])
+def test_training_through_the_kit_is_bitwise_forward_and_backward(name: str) -> None:
+    case = UlyssesCase(name, 2, 2, 2, 16, 8, torch.float32, True, 2)
+    result = assert_equivalent(case.function(), case.sharded_inputs(), world_size=2, chunks=2)
+    forward, backward = result.graphs
+    assert [s.status for s in forward.sites] == ["rewritten"]
+    assert any(s.rewritten for s in backward.sites if s.attention.endswith("_backward")), backward
+    assert result.compared == 2 * 4
+
+
+@pytest.mark.parametrize("name", ["dist_inplace", "stack_cat"])
+def test_inductor_backend_rewrites_forward_and_backward(name: str) -> None:
+    # what Inductor users get: the post-grad graphs the backend's custom pass rewrites
+    group = ranks.group(2)
+    backend = hcms_compile.make_backend(chunks=2, inner="inductor")
+    lay = LAYOUTS[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: lay.fn(q, k, v, group, is_causal=True), backend=backend,
+                             fullgraph=True)
+    inputs = [torch.randn(lay.local_shape(2, 64, 4, 8, 2), requires_grad=True) for _ in range(3)]
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled(*inputs).sum().backward()
+    phases = {report.phase: report for report in backend.reports}
+    assert [s.status for s in phases["forward"].sites] == ["rewritten"], phases["forward"]
+    assert any(s.rewritten for s in phases["backward"].sites), phases["backward"]
 
 
 def test_registry() -> None:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.fx
 import torch.nn.functional as F
 
 import hcms_compile
 from hcms_compile.testing import ranks
-from hcms_compile.testing.layouts import attn_funcol
+from hcms_compile.testing.compiled import compile_graphs
+from hcms_compile.testing.layouts import _funcol_in as funcol_in
+from hcms_compile.testing.layouts import _funcol_out as funcol_out
+from hcms_compile.testing.layouts import attn_dist_inplace, attn_funcol
 from hcms_compile.testing.tracing import trace
 from tests.helpers import assert_untouched
 
@@ -67,8 +72,12 @@ def _rewritten(fn, *, exact: bool | str = True, tracer: str = "make_fx", heads: 
     return result.sites
 
 
-def test_plain_attention_without_collectives_is_a_skip():
-    _skipped(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "no per-head input arrives from an all-to-all")
+NO_ALL_TO_ALL = "no all-to-all in this graph: attention without sequence parallelism is left alone"
+
+
+@pytest.mark.parametrize("tracer", ["make_fx", "dynamo"])
+def test_plain_attention_without_collectives_is_a_skip(tracer):
+    _skipped(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), NO_ALL_TO_ALL, tracer=tracer)
 
 
 def test_local_keys_and_values_are_sliced_per_chunk():
@@ -88,7 +97,7 @@ def test_cross_attention_without_any_all_to_all_is_left_alone():
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
-    _skipped(fn, "no per-head input arrives from an all-to-all")
+    _skipped(fn, NO_ALL_TO_ALL)
 
 
 def _masked(mask_of):
@@ -508,3 +517,144 @@ def test_grouped_query_attention_over_repeated_keys_is_left_alone():
     gm = trace(fn, _inputs(16), "dynamo")
     (site,) = hcms_compile.rewrite(gm, chunks=2).sites
     assert not site.rewritten and "also grouped by" in site.reason, site
+
+
+# -- why no per-head input arrives from an all-to-all ------------------------------------------
+
+
+def test_attention_beside_a_ulysses_site_is_not_a_site():
+    # cross attention on local tokens in a graph whose other attention is a Ulysses site
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        plain = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return attn_funcol(q, k, v, g), plain
+
+    gm = trace(fn, _inputs())
+    result = hcms_compile.rewrite(gm, chunks=2)
+    skipped = next(s for s in result.sites if s.status == "skipped")
+    assert "query does not come from an all-to-all" in skipped.reason
+    assert "this graph's all-to-alls feed other ops" in skipped.reason
+    assert [s.status for s in result.sites].count("rewritten") == 1
+
+
+def _graphs_of(fn, inputs) -> list[torch.fx.GraphModule]:
+    """Every graph Dynamo hands its backend for `fn` (graph breaks allowed)."""
+    graphs = []
+
+    def keep(gm, _example):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=keep)(*inputs)
+    return graphs
+
+
+def test_graph_break_between_exchange_and_attention_names_the_break():
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        torch._dynamo.graph_break()
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    graphs = _graphs_of(fn, _inputs())
+    attention = [gm for gm in graphs if any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)]
+    (gm,) = attention
+    result = hcms_compile.rewrite(gm, chunks=2)
+    (site,) = result.sites
+    assert site.status == "skipped"
+    assert site.reason.startswith("query is a graph input: the all-to-all is in another graph (graph break?); "
+                                  "compile with fullgraph=True or remove the break"), site.reason
+    assert result.graph_module.code == gm.code
+
+
+def test_make_fx_of_the_in_place_collective_says_how_to_trace_it():
+    # make_fx records dist.all_to_all_single(out, x) as the non-functional c10d.alltoall_base_, which
+    # writes `out` and returns a Work handle; Dynamo, export and AOTAutograd functionalise it instead
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        return attn_dist_inplace(q, k, v, g)
+
+    result = _skipped(fn, "the buffer c10d.alltoall_base_ (alltoall_base_) writes in place")
+    assert "trace with torch.compile or torch.export" in result.sites[0].reason
+
+
+def _into_buffer(make_buffer):
+    """An in-place all-to-all into the buffer `make_buffer(send)` makes, in the funcol layout."""
+    g = ranks.group(P)
+
+    def exchange(send, group):
+        out = make_buffer(send)
+        dist.all_to_all_single(out, send, group=group)
+        return out
+
+    def fn(q, k, v):
+        return funcol_out(F.scaled_dot_product_attention(*(funcol_in(t, g, exchange) for t in (q, k, v))), g)
+
+    return fn
+
+
+@pytest.mark.parametrize("tracer", ["dynamo", "export", "aot"])
+def test_in_place_exchange_into_a_zeroed_or_new_buffer_is_rewritten(tracer):
+    for make_buffer in (torch.zeros_like, lambda s: s.new_empty(s.shape)):
+        _rewritten(_into_buffer(make_buffer), tracer=tracer)
+
+
+@pytest.mark.parametrize("tracer", ["dynamo", "aot"])
+def test_in_place_exchange_into_a_converting_buffer_is_named(tracer):
+    # copy_ into a float64 buffer converts: the buffer is no alias of the exchanged tensor
+    fn = _into_buffer(lambda s: torch.empty_like(s, dtype=torch.float64))
+    _skipped(fn, "a buffer an all-to-all result is copied into, but not as a fresh buffer filled once with the "
+                 "same shape and dtype", tracer=tracer)
+
+
+@pytest.mark.parametrize("tracer", ["make_fx", "dynamo"])
+def test_an_op_between_exchange_and_attention_that_is_not_a_layout_op_is_named(tracer):
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        b, s, h, d = q.shape
+        # the received sequence blocks concatenated in reverse order: a reordering cat, not a regroup
+        recv = [_head_blocks(t, g) for t in (q, k, v)]
+        q, k, v = (torch.cat(list(reversed(r.unbind(0))), dim=2).permute(0, 2, 1, 3).reshape(b, h // P, P * s, d)
+                   for r in recv)
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    result = _skipped(fn, "which is not a layout op HCMS follows", tracer=tracer)
+    reason = result.sites[0].reason
+    assert reason.startswith("query reaches cat") and "cat)" in reason, reason
+
+
+def test_a_recomputed_forward_attention_in_the_backward_graph_is_named():
+    g = ranks.group(P)
+    backend = hcms_compile.make_backend(chunks=2, inner="aot_eager")
+    graphs = compile_graphs(lambda q, k, v: attn_funcol(q, k, v, g, is_causal=True), _inputs(), backend)
+    before = graphs.backward.graph_module.code
+    recomputed = [s for s in graphs.backward.sites if not s.attention.endswith("_backward")]
+    assert recomputed, "AOTAutograd no longer recomputes the forward attention in the backward graph"
+    for site in recomputed:
+        assert site.status == "skipped"
+        assert site.reason.startswith("a forward attention op recomputed from saved tensors in the backward graph")
+    # the backward op beside it is rewritten, and the recomputed op is still there, untouched
+    assert any(s.rewritten for s in graphs.backward.sites)
+    assert before.count("_scaled_dot_product_flash_attention_for_cpu.default(") == \
+        graphs.backward.graph_module.code.count("_scaled_dot_product_flash_attention_for_cpu.default(")
+
+
+def test_pieces_shared_by_two_joins_are_followed_as_selects():
+    # q and k are two cats of the same unbound pieces: each cat is a layout op of the received tensor,
+    # and the pieces, read by both, are replayed like any select
+    g = ranks.group(P)
+
+    def fn(q, k_in, v):
+        pieces = _head_blocks(q, g).unbind(0)
+        q = torch.cat(pieces, dim=1).transpose(1, 2)
+        k = torch.cat([pieces[0], pieces[1]], dim=1).transpose(1, 2)
+        return _gather_heads(F.scaled_dot_product_attention(q, k, _scatter_heads(v + k_in, g)), g)
+
+    for tracer in ("make_fx", "dynamo"):
+        (site,) = _rewritten(fn, tracer=tracer)
+        assert site.exchanges == 2  # q and k share one exchange, v has its own

@@ -30,6 +30,8 @@ __all__ = [
     "attn_dist_inplace",
     "attn_funcol",
     "attn_fused_qkv",
+    "attn_stack_cat",
+    "attn_stack_chunk",
     "attn_xdit",
     "attn_yunchang",
 ]
@@ -287,6 +289,63 @@ def attn_dist_inplace(
 
 
 # ---------------------------------------------------------------------------------------------
+# 9. stack and cat instead of reshapes: [B, S/P, H, D]. The send buffer is the stack of the P head
+#    blocks, the received blocks are concatenated back along the sequence with cat(unbind)
+# ---------------------------------------------------------------------------------------------
+
+
+def _stack_cat_in(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    p = _world(group, x.shape[2])
+    send = torch.stack(x.chunk(p, dim=2))  # [P (head block), B, S/P, H/P, D]
+    recv = _a2a(send, group)  # [P (sequence block), B, S/P, H/P, D]
+    return torch.cat(recv.unbind(0), dim=1).transpose(1, 2)  # [B, H/P, S, D]
+
+
+def _stack_cat_out(o: Tensor, group: dist.ProcessGroup) -> Tensor:
+    p = group.size()
+    send = torch.stack(o.transpose(1, 2).chunk(p, dim=1))  # [P (sequence block), B, S/P, H/P, D]
+    recv = _a2a(send, group)  # [P (head block), B, S/P, H/P, D]
+    return torch.cat(recv.unbind(0), dim=2)  # [B, S/P, H, D]
+
+
+def attn_stack_cat(
+    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, *,
+    is_causal: bool = False, scale: float | None = None,
+) -> Tensor:
+    """Ulysses written with stack(chunk) and cat(unbind): [B, S/P, H, D] in and out."""
+    q, k, v = (_stack_cat_in(x, group) for x in (q, k, v))
+    return _stack_cat_out(_sdpa(q, k, v, is_causal, scale), group)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. stack and cat(chunk) in the heads-first layout: [B, H, S/P, D]
+# ---------------------------------------------------------------------------------------------
+
+
+def _stack_chunk_in(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    p = _world(group, x.shape[1])
+    send = torch.stack(x.chunk(p, dim=1))  # [P (head block), B, H/P, S/P, D]
+    recv = _a2a(send, group)  # [P (sequence block), B, H/P, S/P, D]
+    return torch.cat(recv.chunk(p), dim=3).squeeze(0)  # [B, H/P, S, D]
+
+
+def _stack_chunk_out(o: Tensor, group: dist.ProcessGroup) -> Tensor:
+    p = group.size()
+    send = torch.stack(o.chunk(p, dim=2))  # [P (sequence block), B, H/P, S/P, D]
+    recv = _a2a(send, group)  # [P (head block), B, H/P, S/P, D]
+    return torch.cat(recv.chunk(p), dim=2).squeeze(0)  # [B, H, S/P, D]
+
+
+def attn_stack_chunk(
+    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, *,
+    is_causal: bool = False, scale: float | None = None,
+) -> Tensor:
+    """Ulysses written with stack(chunk) and cat(chunk): [B, H, S/P, D] in and out."""
+    q, k, v = (_stack_chunk_in(x, group) for x in (q, k, v))
+    return _stack_chunk_out(_sdpa(q, k, v, is_causal, scale), group)
+
+
+# ---------------------------------------------------------------------------------------------
 # registry
 # ---------------------------------------------------------------------------------------------
 
@@ -343,5 +402,9 @@ LAYOUTS: dict[str, Layout] = {
                "xDiT / sglang fused-QKV all-to-all"),
         Layout("dist_inplace", attn_dist_inplace, _bshd, 1, 2, False,
                "plain in-place torch.distributed.all_to_all_single (Dynamo functionalises it)"),
+        Layout("stack_cat", attn_stack_cat, _bshd, 1, 2, True,
+               "stack of head blocks sent, cat(unbind) of sequence blocks received"),
+        Layout("stack_chunk", attn_stack_chunk, _bhsd, 2, 1, True,
+               "heads-first stack of head blocks sent, cat(chunk) of sequence blocks received"),
     )
 }

@@ -1,7 +1,8 @@
 """Hypothesis strategies that draw Ulysses attention cases and chunk specs.
 
 - `ulysses_cases`: world size, batch, heads, tokens, head dim, dtype, causal, layout and a chunk
-  split (uneven ones included), over every layout in `layouts.py`.
+  split (uneven ones included), over the functional layouts in `layouts.py` by default; pass
+  `layouts=tuple(LAYOUTS)` to draw the in-place `dist_inplace` too (Dynamo, export, AOTAutograd).
 - `variant_cases`: the same in the funcol layout, plus KV heads (grouped, or fewer than the ranks),
   how attention sees them (`enable_gqa` or repeated), a mask kind and a scale (`variants.py`).
 """
@@ -20,6 +21,8 @@ from . import ranks
 from .layouts import LAYOUTS, Layout
 from .variants import KV_STYLES, MASKS, Variant, attn_variant, valid_kv_heads
 
+# the layouts every front end rewrites: make_fx records the in-place one (dist_inplace) as the
+# non-functional c10d collective, which the pass leaves alone with a reason
 FUNCTIONAL_LAYOUTS = tuple(name for name, lay in LAYOUTS.items() if lay.functional)
 
 
