@@ -7,6 +7,7 @@ same way and sends them with one all-to-all per chunk. Stacks that are not that 
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -19,6 +20,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import hcms_compile
+from hcms_compile.spawn import spawn_gloo
 from hcms_compile.testing import assert_equivalent, ranks
 from hcms_compile.testing.strategies import UlyssesCase, chunk_specs, ulysses_cases
 from hcms_compile.testing.tracing import trace
@@ -239,3 +241,28 @@ def test_a_stack_that_is_not_a_per_head_gradient_exchange_is_left_alone(send, re
     gm, result, site = _rewrite(_backward_fn(group, send(group)), example_inputs, per_rank, world, 2)
     assert not site.rewritten and reason in site.reason, site
     assert result.graph_module.code == gm.code
+
+
+# -- real processes ------------------------------------------------------------------------------
+
+
+def _gloo_worker(rank: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    world = group.size()
+    example_inputs, per_rank = _inputs(world, 2, 3, 8, 8)
+    local = [x._local_tensors[rank] for x in per_rank]
+    gm = trace(_backward_fn(group, lambda dq, dk, dv, out: _send_stacked([dq, dk, dv], group)), example_inputs)
+    result = hcms_compile.rewrite(gm, chunks=(2, 1))
+    want, got = gm(*local), result.graph_module(*local)
+    torch.save((result.sites[-1].status, all(torch.equal(w, g) for w, g in zip(want, got, strict=True))),
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_fused_backward_is_bitwise_over_gloo(tmp_path):
+    world = 3
+    spawn_gloo(_gloo_worker, world, str(tmp_path))
+    for rank in range(world):
+        status, equal = torch.load(tmp_path / f"rank{rank}.pt")
+        assert status == "rewritten" and equal, f"rank {rank}: {status}, equal {equal}"
