@@ -101,10 +101,16 @@ def _scatter_heads(x, group):
 
 
 def _send_stacked(grads, group, kind: str = "stack"):
-    """[B, H/P, S, D] tensors stacked into one exchange back to [B, H, S/P, D] each (the fused layout)."""
+    """[B, H/P, S, D] tensors joined into one exchange that scatters their sequence: stacked (the fused
+    layout's backward; back to [B, H, S/P, D] each), concatenated after an unsqueeze (the same), or
+    concatenated on the head axis (a forward that joined q, k, v by heads)."""
+    p = group.size()
+    if kind == "heads":
+        joined = torch.cat(grads, dim=1)
+        b, h, s, d = joined.shape
+        return _a2a(joined.reshape(b, h, p, s // p, d).permute(2, 0, 1, 3, 4), group)  # [P (head block), ...]
     stacked = torch.stack(grads) if kind == "stack" else torch.cat([g.unsqueeze(0) for g in grads])
     n, b, h, s, d = stacked.shape
-    p = group.size()
     recv = _a2a(stacked.view(n, b, h, p, s // p, d).permute(3, 0, 1, 2, 4, 5), group)  # [P (head block), n, ...]
     return recv.permute(1, 2, 0, 3, 4, 5).reshape(n, b, p * h, s // p, d).unbind(0)
 
@@ -152,7 +158,7 @@ class _BackwardCase:
     dim: int
     dtype: torch.dtype
     causal: bool
-    kind: str  # "stack", or "cat" of unsqueezed gradients
+    kind: str  # how `_send_stacked` joins the gradients
     chunks: int | tuple[int, ...]
 
 
@@ -163,7 +169,7 @@ def _backward_cases(draw: st.DrawFn) -> _BackwardCase:
         world=draw(st.integers(1, ranks.MAX_RANKS)), batch=draw(st.sampled_from([1, 2, 2])), local_heads=local_heads,
         tokens=draw(st.sampled_from([1, 2, 4, 8])), dim=draw(st.sampled_from([2, 4, 8])),
         dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), causal=draw(st.booleans()),
-        kind=draw(st.sampled_from(["stack", "cat"])), chunks=draw(chunk_specs(local_heads)))
+        kind=draw(st.sampled_from(["stack", "cat", "heads"])), chunks=draw(chunk_specs(local_heads)))
 
 
 @examples(30)
@@ -214,17 +220,6 @@ def test_grouped_key_and_value_gradients_stacked_without_the_query_gradient_are_
     assert _output_exchanges_per_chunk(result.graph_module) == Counter([0, 0, 1, 1])
 
 
-def _gqa_cat(group):
-    def send(dq, dk, dv, out):
-        # the gradients of a forward that concatenated q, k, v on the head axis (fewer KV heads)
-        joined = torch.cat([dq, dk, dv], dim=1)
-        b, h, s, d = joined.shape
-        p = group.size()
-        return _a2a(joined.reshape(b, h, p, s // p, d).permute(2, 0, 1, 3, 4), group)
-
-    return send
-
-
 @pytest.mark.parametrize(("send", "reason", "kv_heads"), [
     (lambda g: lambda dq, dk, dv, out: _send_stacked([dv, dk, dq], g),
      "not in the order the attention op returns them", None),
@@ -234,7 +229,8 @@ def _gqa_cat(group):
      "stacks one attention output more than once", None),
     (lambda g: lambda dq, dk, dv, out: _send_stacked([dq, dk.transpose(0, 1), dv], g),
      "laid out differently", None),
-    (_gqa_cat, "joins attention outputs of different shapes", 2),
+    (lambda g: lambda dq, dk, dv, out: _send_stacked([dq, dk, dv], g, "heads"),
+     "joins attention outputs of different shapes", 2),
 ], ids=["reordered", "mixed-with-another-tensor", "repeated", "transposed", "gqa-cat"])
 def test_a_stack_that_is_not_a_per_head_gradient_exchange_is_left_alone(send, reason, kv_heads):
     world = 2
@@ -244,7 +240,6 @@ def test_a_stack_that_is_not_a_per_head_gradient_exchange_is_left_alone(send, re
     gm, result, site = _rewrite(_backward_fn(group, send(group)), example_inputs, per_rank, world, 2)
     assert not site.rewritten and reason in site.reason, site
     assert result.graph_module.code == gm.code
-
 
 
 def test_inductor_keeps_the_fused_backward_pipelined():
