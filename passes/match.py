@@ -10,7 +10,9 @@ Terms
   buffer; its receive tree runs from the wait to the attention's inputs.
 - local input: a per-head input that is already on this rank (saved activations in a backward
   graph); a chunk takes a slice of its head axis.
-- output exchange: an all-to-all that takes one attention output back to sequence sharding.
+- output exchange: an all-to-all that takes attention outputs back to sequence sharding: one output,
+  or several stacked into one buffer (the backward of a fused qkv exchange sends dq, dk, dv with one
+  all-to-all). Stacked outputs share one head atom; the stack adds a slot factor.
 - escape: a per-head attention input or output also used outside the site (AOTAutograd saves q, k,
   v, out and log-sum-exp for the backward); the rewrite concatenates the chunks' values for it.
 - head atom: the factor (see `layout.py`) that indexes the attention's local heads; chunking cuts it.
@@ -43,7 +45,9 @@ Steps of `match_sites(graph)`:
 5. Walk forward from each per-head output (through layout ops and joins of its pieces) to an
    output all-to-all and prove it scatters sequence
    while keeping the head atom whole, so per-chunk receive buffers can be concatenated on it; other
-   uses of an output are escapes.
+   uses of an output are escapes. A path that meets a stack (or cat) of several tensors is followed
+   only when every stacked tensor is a distinct per-head output of this attention op, of one shape,
+   in the order the op returns them, laid out alike at the stack: they then share one head atom.
 Every failed proof is a `Skip` with a reason; a skipped site is never touched.
 """
 
@@ -84,6 +88,7 @@ from .ops import (
     joined_by,
     layout_op,
     mutated_args,
+    stack_of,
     storage_root,
     target_name,
     unbind_item,
@@ -117,13 +122,18 @@ class InputExchange:
 
 @dataclass(frozen=True)
 class OutputExchange:
-    index: int  # which attention output
-    source: Node  # the attention's output tensor (a getitem for ops that return tuples)
-    send_path: tuple[Node, ...]  # layout nodes after `source`, send buffer last
+    # (which attention output, its tensor: a getitem for ops that return tuples); several when the
+    # outputs are stacked into one buffer (dq, dk, dv), in stack order
+    sources: tuple[tuple[int, Node], ...]
+    send_path: tuple[Node, ...]  # layout nodes (and the stack) after the sources, graph order, send buffer last
     all_to_all: Node
     wait: Node
-    head: Atom
+    head: Atom  # shared by every source
     fill: Node | None = None  # `copy_(buffer, wait)` of an in-place exchange
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        return tuple(node for _, node in self.sources)
 
 
 @dataclass(frozen=True)
@@ -169,7 +179,7 @@ class Site:
         for ex in self.inputs:
             nodes += [*ex.send_path, ex.all_to_all, ex.wait, *ex.receive]
         for out in self.outputs:
-            nodes += [out.source, *out.send_path, out.all_to_all, out.wait]
+            nodes += [*out.nodes, *out.send_path, out.all_to_all, out.wait]
         return any(getattr(node, "_erased", False) for node in nodes)
 
 
@@ -264,6 +274,7 @@ class _Matcher:
         self._shared_kv: dict[str, Node] = {}  # one KV head per rank under enable_gqa: passed whole
         self._kv_repeats: dict[str, tuple[str, int]] = {}  # key/value repeated after the exchange: how
         self._heads_out: dict[Node, Atom] = {}  # attention output -> its local-head atom
+        self._stacked: dict[Node, OutputExchange | None] = {}  # stack of several outputs -> its exchange
 
     def run(self) -> Site | Skip:
         try:
@@ -655,7 +666,9 @@ class _Matcher:
                 found = self._output_exchange(index, source, user, first, heads, group, world)
                 if found is None:
                     outside.append(user)
-                elif any(ex.source is source for ex in exchanges):
+                elif any(ex is found for ex in exchanges):
+                    continue  # a stacked exchange, met again from another output it carries
+                elif any(source in ex.nodes for ex in exchanges):
                     raise NoMatch(f"attention output {index} feeds two all-to-alls")
                 else:
                     exchanges.append(found)
@@ -696,39 +709,149 @@ class _Matcher:
         shape = shape_of(source)
         return (*dims, self.atoms.new(shape[-2]), self.atoms.new(shape[-1])), head
 
+    def _output_divisor(self, index: int) -> int:
+        # key and value gradients have one head per KV head: fewer under grouped-query attention
+        return self.kv_group if self.op.backward and index in KV_GRADIENTS else 1
+
     def _output_exchange(self, index: int, source: Node, first_user: Node, first: InputExchange,
                          heads: dict[str, Node], group: Any, world: int) -> OutputExchange | None:
         """The exchange `source` reaches through `first_user`, or None when that use is no exchange."""
-        path: list[Node] = []
-        node, user = source, first_user
+        if self.op.head_outputs[index] != -3:
+            return None  # log-sum-exp and the like are never exchanged; they can only escape
+        what = f"attention output {index}"
+        found = self._path_to_exchange(source, first_user, what)
+        if found is None:
+            return None
+        path, end = found
+        if not is_all_to_all(end):
+            return self._stacked_exchange(end, first, heads, group, world)
         if source not in self.layouts:
-            if self.op.head_outputs[index] != -3:
-                return None  # log-sum-exp and the like are never exchanged; they can only escape
-            # key and value gradients have one head per KV head: fewer under grouped-query attention
-            divisor = self.kv_group if self.op.backward and index in KV_GRADIENTS else 1
-            self.layouts[source], self._heads_out[source] = self._mirror(source, first, heads, divisor)
-        head = self._heads_out[source]
+            self.layouts[source], self._heads_out[source] = self._mirror(source, first, heads,
+                                                                         self._output_divisor(index))
+        for node in path:
+            self.layouts[node] = self._follow(node)
+        return self._exchange(((index, source),), path, end, what, group, world)
+
+    def _path_to_exchange(self, node: Node, user: Node, what: str) -> tuple[tuple[Node, ...], Node] | None:
+        """The layout ops from `node` on, starting at its use `user`, and the all-to-all (or the stack
+        of several tensors) that ends them; None when they lead elsewhere."""
+        path: list[Node] = []
         while not is_all_to_all(user):
             join = _private_join(node, user)
             if join is not None:  # a stack or cat of `node`'s pieces: follow the join from `node`
                 path += join_pieces(join)
                 user = join
             step = layout_op(user)
+            if step is None and stack_of(user) is not None:
+                return tuple(path), user
             if step is None or step.source is not node or step.kind == UNBIND:
                 return None
-            self.layouts[user] = self._follow(user)
             path.append(user)
             onward = [u for u in user.users if inplace_fill(u) is None and not _later_piece(user, u)]
             if len(onward) != 1:
                 if any(is_all_to_all(u) for u in _reachable(user)):
-                    raise NoMatch(f"the path from attention output {index} to an all-to-all branches at "
-                                  f"{user.name}")
+                    raise NoMatch(f"the path from {what} to an all-to-all branches at {user.name}")
                 return None
             node, user = user, onward[0]
-        a2a = user
+        return tuple(path), user
+
+    def _stacked_exchange(self, stack: Node, first: InputExchange, heads: dict[str, Node], group: Any,
+                          world: int) -> OutputExchange | None:
+        """The one exchange of several stacked attention outputs (dq, dk, dv in the backward of a
+        fused qkv exchange), the same record from whichever output reaches it."""
+        if stack not in self._stacked:
+            self._stacked[stack] = self._prove_stacked(stack, first, heads, group, world)
+        return self._stacked[stack]
+
+    def _prove_stacked(self, stack: Node, first: InputExchange, heads: dict[str, Node], group: Any,
+                       world: int) -> OutputExchange | None:
+        what = f"the attention outputs {stack.name} stacks"
+        onward = [u for u in stack.users if inplace_fill(u) is None]
+        if len(onward) != 1:
+            if any(is_all_to_all(u) for u in _reachable(stack)):
+                raise NoMatch(f"the path from {what} to an all-to-all branches at {stack.name}")
+            return None
+        found = self._path_to_exchange(stack, onward[0], what)
+        if found is None:
+            return None  # not on the way to an exchange: the stacked outputs escape
+        after, a2a = found
+        if not is_all_to_all(a2a):
+            raise NoMatch(f"{what} are stacked again by {a2a.name} before the all-to-all")
+        sources, before = self._stacked_sources(stack)
+        shapes = {shape_of(node) for _, node in sources}
+        if len(shapes) != 1:
+            # (equal shapes also mean equal divisors: a key gradient has fewer heads exactly under GQA)
+            raise NoMatch(f"{stack.name} joins attention outputs of different shapes {sorted(shapes)} (fewer key and "
+                          "value heads than query heads): one chunk cannot cut their heads alike")
+        index, node = sources[0]
+        layout, head = self._mirror(node, first, heads, self._output_divisor(index))
+        for _, node in sources:  # one set of atoms: slot i of the stack then holds the heads slot 0 does
+            self.layouts[node], self._heads_out[node] = layout, head
+        for node in before:
+            self.layouts[node] = self._follow(node)
+        self.layouts[stack] = self._stack_layout(stack)
+        for node in after:
+            self.layouts[node] = self._follow(node)
+        return self._exchange(tuple(sources), (*before, stack, *after), a2a, what, group, world)
+
+    def _stacked_sources(self, stack: Node) -> tuple[list[tuple[int, Node]], list[Node]]:
+        """The attention output behind each stacked tensor (stack order), and the layout ops between
+        them and the stack (graph order)."""
+        outputs = {node: index for index, node in self._attention_outputs().items()}
+        sources: list[tuple[int, Node]] = []
+        between: list[Node] = []
+        for item in stack_of(stack).sources:
+            node, chain = item, []
+            while node not in outputs:
+                step = layout_op(node)
+                if step is None:
+                    raise NoMatch(f"{stack.name} stacks {item.name}, which is not an output of {self.attention.name}: "
+                                  "only its per-head outputs (dq, dk, dv) may share the all-to-all")
+                chain.append(node)
+                node = step.source
+            for link, onward in zip(chain, [stack, *chain], strict=False):
+                others = [u.name for u in link.users if u is not onward]
+                if others:
+                    raise NoMatch(f"{link.name} (between {node.name} and {stack.name}) is also used by {others}")
+            sources.append((outputs[node], node))
+            between += chain
+        indices = [index for index, _ in sources]
+        flat = [index for index in indices if self.op.head_outputs.get(index) != -3]
+        if flat:
+            raise NoMatch(f"{stack.name} stacks attention output(s) {flat}, which have no [.., H, S, D] head axis")
+        if len(set(indices)) != len(indices):
+            raise NoMatch(f"{stack.name} stacks one attention output more than once (outputs {indices})")
+        if indices != sorted(indices):
+            # chunking would keep the bits of any order; the rule admits what the backward of a fused
+            # q, k, v stack produces (dq, dk, dv in the kernel's order) rather than guessing at other code
+            raise NoMatch(f"{stack.name} stacks attention outputs in the order {indices}, not in the order the "
+                          f"attention op returns them ({sorted(indices)}): not the backward of a fused qkv exchange")
+        return sources, sorted(between, key=self.order)
+
+    def _stack_layout(self, stack: Node) -> Layout:
+        """The layout the stacked tensors share, with a fresh slot atom saying which tensor: a new dim
+        (stack), or the outermost factor of the joined dim (cat)."""
+        spec = stack_of(stack)
+        layouts = {self.atoms.resolve(self.layouts[node]) for node in spec.sources}
+        if len(layouts) != 1:
+            raise NoMatch(f"the tensors {stack.name} stacks are laid out differently, so its slots would not hold "
+                          "the same heads")
+        (layout,) = layouts
+        slot = self.atoms.new(len(spec.sources))
+        if spec.new_dim:
+            dim = spec.dim % (len(layout) + 1)
+            return (*layout[:dim], slot, *layout[dim:])
+        dim = spec.dim % len(layout)
+        return (*layout[:dim], slot + layout[dim], *layout[dim + 1 :])
+
+    def _exchange(self, sources: tuple[tuple[int, Node], ...], path: tuple[Node, ...], a2a: Node, what: str,
+                  group: Any, world: int) -> OutputExchange:
+        """Prove that `a2a` sends the end of `path`, scatters the sources' sequence and keeps their
+        head atom whole."""
+        node = path[-1] if path else sources[0][1]
         args = exchange_args(a2a)
         if args.input is not node:
-            raise NoMatch(f"{a2a.name} does not send the attention output")
+            raise NoMatch(f"{a2a.name} does not send {what}")
         buffers = [u for u in node.users if inplace_fill(u) is not None]
         if len(buffers) > 1:
             raise NoMatch(f"{node.name} is copied into more than one in-place buffer")
@@ -743,17 +866,19 @@ class _Matcher:
             raise NoMatch(f"{a2a.name}'s result is not what fills its in-place buffer")
         received, dest, _ = self.atoms.exchange(self.layouts[args.input], world)
         self.layouts[a2a] = self.layouts[wait] = received
+        source = sources[0][1]
+        head = self._heads_out[source]
         if head >= 0:
             sent = self.atoms.expand([a for dim in self.layouts[args.input] for a in dim])
             if head not in sent:
-                raise NoMatch(f"the path from attention output {index} to {a2a.name} drops the head axis")
+                raise NoMatch(f"the path from {what} to {a2a.name} drops the head axis")
             if head in dest or self.atoms.expand([head]) != (head,):
                 raise NoMatch(f"{a2a.name} splits the local heads across ranks")
             seq = self.atoms.expand(self.layouts[source][-2])
             if dest and seq[: len(dest)] != dest:
                 raise NoMatch(f"{a2a.name} does not scatter the sequence: the rank factor is not the "
-                              "leading factor of the attention output's sequence axis")
-        return OutputExchange(index, source, tuple(path), a2a, wait, head, fill)
+                              f"leading factor of the sequence axis of {what}")
+        return OutputExchange(sources, path, a2a, wait, head, fill)
 
 
 def _private_join(source: Node, piece: Node) -> Node | None:

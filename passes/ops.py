@@ -319,6 +319,31 @@ def unbind_item(node: Node) -> tuple[Node, int] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Stack:
+    """`stack(tensors, dim)` or `cat(tensors, dim)`: one buffer holding each tensor in a slot."""
+
+    sources: tuple[Node, ...]
+    dim: int  # as written: may be negative
+    new_dim: bool  # stack adds the slot dim; cat puts the slot outermost in an existing dim
+
+
+def stack_of(node: Node) -> Stack | None:
+    """The tensors a stack or cat node joins, or None for any other node (and for one tensor)."""
+    if node.op != "call_function":
+        return None
+    name = {torch.stack: "stack", torch.cat: "cat", torch.concat: "cat"}.get(node.target, target_name(node))
+    if name not in ("stack", "cat", "concat"):
+        return None
+    values = dict(zip(("tensors", "dim"), node.args, strict=False)) | dict(node.kwargs)
+    tensors, dim = values.get("tensors"), values.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int):
+        return None
+    if not all(isinstance(t, Node) for t in tensors):
+        return None
+    return Stack(tuple(tensors), dim, name == "stack")
+
+
 # -- exchanges --------------------------------------------------------------------------------
 
 _A2A_NAMES = {"all_to_all_single", "all_to_all_single_autograd"}

@@ -17,7 +17,8 @@ Steps of `rewrite_site(graph, site, plan)`:
    A stack or cat of one tensor's pieces is replayed from the atoms (view, permute, reshape), so
    its split sizes follow the chunk; its pieces are not replayed.
 2. Per chunk: the attention op on the chunk's inputs; for each output exchange, replay the output
-   path, exchange, wait.
+   path, exchange, wait. Outputs stacked into one exchange (dq, dk, dv) are stacked the same way
+   from the chunk's slices: one all-to-all per chunk, as before the rewrite.
 3. Reassemble: view each chunk's receive buffer by atoms, concatenate on the head atom, view back
    to the original receive shape, and hand that to the original output wait's users. Escapes get
    the concatenation of their chunks, with the original strides; outputs that are the same in
@@ -141,7 +142,8 @@ class _SiteWriter:
         site, stages = self.site, ChunkStages()
         # under grouped-query attention a chunk of query heads takes its KV heads: fewer, by the group
         in_div = {ex: site.divisor(ex.feeds[0]) for ex in site.inputs}
-        out_div = {out: site.divisor(output=out.index) for out in site.outputs}
+        # stacked outputs share one shape, so the first one's divisor is every one's
+        out_div = {out: site.divisor(output=out.sources[0][0]) for out in site.outputs}
         override = {ex.head: size // in_div[ex] for ex in site.inputs}
         override |= {out.head: size // out_div[out] for out in site.outputs}
         mapping: dict[Node, Node] = {}
@@ -170,7 +172,8 @@ class _SiteWriter:
         chunk_heads = {name: mapping[node] for name, node in site.heads.items()}
         args, kwargs = replace_attention_inputs(attention, site.op, chunk_heads)
         result = self.emit.call(attention.target, *args, **kwargs)
-        wanted = {out.index for out in site.outputs} | {e.output for e in site.escapes if e.output is not None}
+        wanted = {i for out in site.outputs for i, _ in out.sources}
+        wanted |= {e.output for e in site.escapes if e.output is not None}
         if c == 0:
             wanted |= set(site.shared_outputs)  # RNG state and offsets: the same for every chunk
         outs = {i: self.emit.getitem(result, i) if site.op.returns_tuple else result for i in sorted(wanted)}
@@ -182,9 +185,9 @@ class _SiteWriter:
 
         for k, out in enumerate(site.outputs):
             mark = self.mark()
-            values = {out.source: outs[out.index]}
+            values = {source: outs[i] for i, source in out.sources}  # a stack is replayed on the chunk's slices
             self.replay(out.send_path, values, override)
-            buffer = out.send_path[-1] if out.send_path else out.source
+            buffer = out.send_path[-1] if out.send_path else out.sources[0][1]
             send = self.contiguous(values[buffer])
             stages.attend += self.tag(mark, c, "output_layout")
             mark = self.mark()
