@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from hcms_compile.passes.cost_model import site_cost
@@ -78,8 +79,10 @@ def test_a_saved_profile_is_found_by_path_and_by_environment(tmp_path, monkeypat
     assert hcms_compile.rewrite(_graph(), profile=str(path)).sites[0].rewritten
     monkeypatch.setenv("HCMS_PROFILE", str(path))
     assert hcms_compile.rewrite(_graph()).sites[0].rewritten  # the built-in CPU estimate would not chunk
-    monkeypatch.setenv("HCMS_PROFILE", str(tmp_path / "missing.json"))
-    assert not hcms_compile.rewrite(_graph()).sites[0].rewritten
+    missing = tmp_path / "missing.json"
+    monkeypatch.setenv("HCMS_PROFILE", str(missing))
+    with pytest.raises(FileNotFoundError, match=f"HCMS_PROFILE='{missing}' names no file"):
+        hcms_compile.rewrite(_graph())
 
 
 def test_the_cache_key_holds_the_profile_only_when_the_plan_depends_on_it():
