@@ -64,11 +64,15 @@ def _funcol_fn(world):
 def test_env_vars_override_chunks_and_disable():
     assert options_from_env(2, True, {"HCMS_CHUNKS": "2,1"}).chunks == (2, 1)
     assert options_from_env(2, True, {"HCMS_CHUNKS": "3"}).chunks == 3
-    assert options_from_env(2, True, {"HCMS_DISABLE": "1"}).enabled is False
-    with pytest.raises(ValueError, match="HCMS_CHUNKS='x'"):
-        options_from_env(2, True, {"HCMS_CHUNKS": "x"})
-    with pytest.raises(ValueError, match="chunks must be >= 1"):
-        options_from_env(2, True, {"HCMS_CHUNKS": "0"})
+    for value in ("1", "true", "True", "TRUE", "yes", "On", " on "):
+        assert options_from_env(2, True, {"HCMS_DISABLE": value}).enabled is False, value
+    for value in ("", "0", "false", "False", "no", "OFF"):
+        assert options_from_env(2, True, {"HCMS_DISABLE": value}).enabled is True, value
+    with pytest.raises(ValueError, match="HCMS_DISABLE='maybe'"):
+        options_from_env(2, True, {"HCMS_DISABLE": "maybe"})
+    for value in ("x", "0", "2,0", "-1"):
+        with pytest.raises(ValueError, match=f"HCMS_CHUNKS='{value}'"):
+            options_from_env(2, True, {"HCMS_CHUNKS": value})
 
 
 def test_env_chunks_reach_the_compiled_graph(monkeypatch):
