@@ -4,6 +4,10 @@ The HCMS rewrite runs on every graph AOTAutograd produces (forward, backward, in
 Inductor it runs as a post-grad custom pass (`HcmsGraphPass`, a `CustomGraphPass` whose `uuid()`
 names its configuration, so Inductor's FX graph cache stays on and keys on it); with `aot_eager` it
 runs in the forward and backward compilers, partitioned as torch's own `aot_eager` backend does.
+`torch.compile(..., mode=, options=)` reach Inductor as config patches, as for torch's own Inductor
+backend. Environment variables, read at each compile: `HCMS_DISABLE` (1, true, yes, on in any case
+compile without the pass; 0, false, no, off or empty do not; anything else is an error) and
+`HCMS_CHUNKS` (auto, 3, or 2,1), which overrides `chunks`.
 
 Terms
 - phase: what AOTAutograd compiles a graph as, "forward", "backward" or "inference", as Inductor's
@@ -212,7 +216,7 @@ def inductor_config_patches(mode: str | None, options: dict[str, Any] | None) ->
         if name == "post_grad_custom_pre_pass":
             raise ValueError("hcms backend: the option post_grad_custom_pre_pass is where HCMS runs its own pass; "
                              "use post_grad_custom_post_pass for yours")
-        kind = config.get_type(name)
+        kind = config.get_type(name) if hasattr(config, "get_type") else type(current[name])
         if getattr(kind, "__origin__", None) is None and isinstance(kind, type) and not isinstance(value, kind):
             raise ValueError(f"hcms backend: Inductor option {key!r} takes a {kind.__name__}, got "
                              f"{type(value).__name__} {value!r}")
