@@ -67,7 +67,7 @@ def _demo(rank: int, args: DemoArgs, verdict_path: str) -> None:
     backend = make_backend(chunks=args.chunks, inner=args.inner)
     hcms = torch.compile(model, backend=backend, fullgraph=True)
     plain = torch.compile(reference, backend=args.inner, fullgraph=True)
-    # compile afresh so that the tables show every graph as the pass saw it (caches would skip it)
+    # compile afresh: the time shown is a cold compile (warm caches would replay the recorded reports)
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         start = time.perf_counter()
