@@ -3,19 +3,43 @@
 The HCMS rewrite runs on every graph AOTAutograd produces (forward, backward, inference). With
 Inductor it runs as a post-grad custom pass (`HcmsGraphPass`, a `CustomGraphPass` whose `uuid()`
 names its configuration, so Inductor's FX graph cache stays on and keys on it); with `aot_eager` it
-runs in the forward and backward compilers. Environment variables, read at each compile:
-`HCMS_DISABLE=1` compiles without the pass; `HCMS_CHUNKS=3` or `HCMS_CHUNKS=2,1` sets the chunks.
+runs in the forward and backward compilers, partitioned as torch's own `aot_eager` backend does.
+`torch.compile(..., mode=, options=)` reach Inductor as config patches, as for torch's own Inductor
+backend. Environment variables, read at each compile: `HCMS_DISABLE` (1, true, yes, on in any case
+compile without the pass; 0, false, no, off or empty do not; anything else is an error) and
+`HCMS_CHUNKS` (auto, 3, or 2,1), which overrides `chunks`.
+
+Terms
+- phase: what AOTAutograd compiles a graph as, "forward", "backward" or "inference", as Inductor's
+  `compile_fx_inner` is told (`is_backward`, `is_inference`).
+- report store: a directory under torch's cache directory (`hcms_reports/`) holding, as JSON, the
+  reports of every graph compiled cold. A cache hit skips the post-grad passes, so the pass cannot
+  report what it did; the store gives back what it reported when the cached code was compiled.
+  Keys: for Inductor's FX graph cache, a hash of the graph `compile_fx_inner` receives; for
+  AOTAutograd's cache (which skips `compile_fx_inner` altogether), a hash of the Dynamo graph.
+  Both hold the options' key and the pass's code hash, as the caches' own keys do.
+- agreement: under chunks="auto" the plan depends on the device profile, and ranks may hold
+  different ones (each calibrated on its own). Every rank that runs a site's all-to-alls must plan it
+  alike, so the backend agrees on the profile over each process group the graph's all-to-alls use,
+  and over no other: a rank that never compiles such a graph is never waited for.
+
+Steps of `HcmsBackend.__call__(gm, example_inputs, mode=, options=)`:
+1. Read the environment (`HCMS_DISABLE`, `HCMS_CHUNKS`) and check `mode`/`options` (Inductor's).
+2. If the graph has all-to-alls: resolve the profile for the device and the exchanges' group size,
+   and under "auto" agree on it over those groups (once per device and groups).
+3. Compile with the inner compiler, the pass hooked in; record every graph's report (or, on a cache
+   hit, load it from the report store, or say that it could not be found).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,10 +50,10 @@ import torch.fx
 
 from . import passes as passes_pkg
 from .api import ProfileSpec, rewrite_graph
-from .calibrate import agree_if_distributed, resolve_profile
+from .calibrate import agree, resolve_profile
 from .passes import ChunkSpec, validate_chunks
 from .passes.exactness import BITWISE, exactness_policy
-from .passes.ops import is_all_to_all
+from .passes.ops import exchange_args, is_all_to_all
 from .passes.plan import AUTO, parse_chunks
 from .passes.profiles import DeviceProfile
 from .passes.schedule import pin_pipeline
@@ -38,6 +62,9 @@ from .report import SiteReport, render_sites
 log = logging.getLogger("hcms_compile")
 
 INNER = ("inductor", "aot_eager")
+FORWARD, BACKWARD, INFERENCE = "forward", "backward", "inference"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -58,15 +85,28 @@ class HcmsOptions:
         return rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile)
 
 
+def env_flag(name: str, environ: dict[str, str] | None = None) -> bool:
+    """A boolean environment variable: 1/true/yes/on (any case) or 0/false/no/off/empty; else ValueError."""
+    raw = (os.environ if environ is None else environ).get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r}: expected one of {', '.join(_TRUE)} (set) or {', '.join(_FALSE[1:])} or "
+                     "empty (unset), in any case")
+
+
 def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, str] | None = None) -> HcmsOptions:
     env = os.environ if environ is None else environ
-    enabled = env.get("HCMS_DISABLE", "").strip() not in ("1", "true", "yes")
+    enabled = not env_flag("HCMS_DISABLE", env)
     raw = env.get("HCMS_CHUNKS", "").strip()
     if raw:
         try:
-            chunks = parse_chunks(raw)
-        except ValueError:
-            raise ValueError(f"HCMS_CHUNKS={raw!r}: expected auto, a count like 3 or sizes like 2,1") from None
+            chunks = validate_chunks(parse_chunks(raw))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"HCMS_CHUNKS={raw!r}: expected auto, a count >= 1 like 3, or local heads per chunk "
+                             f"like 2,1 ({err})") from None
     return HcmsOptions(validate_chunks(chunks), exactness_policy(exact), enabled)
 
 
@@ -74,22 +114,40 @@ def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, st
 class GraphReport:
     """The rewrite of one graph the backend compiled."""
 
-    phase: str  # "forward", "backward" or "inference"
+    phase: str  # "forward", "backward" or "inference"; "unknown" when a cache hid even that
     sites: list[SiteReport] = field(default_factory=list)
     graph_module: torch.fx.GraphModule | None = None  # the rewritten graph (aot_eager only)
-    cached: bool = False  # the compiled code came from a cache: the plan is re-derived, not observed
+    cached: bool = False  # the compiled code came from a cache: the report is the one recorded when it was compiled
+    missing: str = ""  # on a cache hit whose report was not recorded: why the plan cannot be shown
 
     def table(self) -> str:
-        note = " (compiled code came from a cache; the plan shown is re-derived)" if self.cached else ""
+        if self.missing:
+            return f"{self.phase} graph: {self.missing}"
+        note = " (compiled code came from a cache; the plan shown was recorded when it was compiled)" \
+            if self.cached else ""
         return f"{self.phase} graph{note}\n{render_sites(self.sites)}"
 
     def __str__(self) -> str:
         return self.table()
 
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase, "sites": [dataclasses.asdict(site) for site in self.sites]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], cached: bool = True) -> GraphReport:
+        sites = [SiteReport(**{**site, "chunk_sizes": tuple(site["chunk_sizes"])}) for site in data["sites"]]
+        return cls(data["phase"], sites, cached=cached)
+
 
 def _phase(graph: torch.fx.Graph, default: str) -> str:
     names = [n.name for n in graph.nodes if n.op == "placeholder"]
-    return "backward" if any(name.startswith("tangents") for name in names) else default
+    return BACKWARD if any(name.startswith("tangents") for name in names) else default
+
+
+def _inner_phase(kwargs: dict[str, Any]) -> str:
+    if kwargs.get("is_backward"):
+        return BACKWARD
+    return INFERENCE if kwargs.get("is_inference") else FORWARD
 
 
 class HcmsGraphPass:
@@ -98,9 +156,10 @@ class HcmsGraphPass:
     def __init__(self, options: HcmsOptions, sink: list[GraphReport]) -> None:
         self.options = options
         self.sink = sink
+        self.phase: str | None = None  # set by the backend from what compile_fx_inner is told
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        phase = _phase(graph, "forward")
+        phase = self.phase or _phase(graph, FORWARD)
         sites = self.options.rewrite(graph)
         if any(site.rewritten for site in sites):
             pin_pipeline(graph)
@@ -135,6 +194,91 @@ def _as_custom_pass(graph_pass: HcmsGraphPass) -> Any:
     return _Pass()
 
 
+# -- mode and options: what torch.compile passes a backend ----------------------------------------
+
+
+def inductor_config_patches(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Inductor config patches for `torch.compile`'s `mode` and `options`, checked as torch checks them
+    for its own Inductor backend; a ValueError names an unknown mode or option, or a wrong type."""
+    from torch._inductor import config, list_mode_options
+
+    patches: dict[str, Any] = {}
+    if mode and mode != "default":
+        try:
+            patches.update(list_mode_options(mode, None))
+        except RuntimeError as err:
+            raise ValueError(f"hcms backend: {err}") from None
+    current = config.get_config_copy()
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_")
+        if name not in current:
+            raise ValueError(f"hcms backend: unknown Inductor option {key!r} (see torch._inductor.list_options())")
+        if name == "post_grad_custom_pre_pass":
+            raise ValueError("hcms backend: the option post_grad_custom_pre_pass is where HCMS runs its own pass; "
+                             "use post_grad_custom_post_pass for yours")
+        kind = config.get_type(name) if hasattr(config, "get_type") else type(current[name])
+        if getattr(kind, "__origin__", None) is None and isinstance(kind, type) and not isinstance(value, kind):
+            raise ValueError(f"hcms backend: Inductor option {key!r} takes a {kind.__name__}, got "
+                             f"{type(value).__name__} {value!r}")
+        patches[name] = value
+    return patches
+
+
+# -- the report store ------------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # older layouts
+        from torch._inductor.utils import cache_dir  # type: ignore[attr-defined,no-redef]
+    return Path(cache_dir()) / "hcms_reports"
+
+
+def _input_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return [list(map(str, value.shape)), list(map(str, value.stride())), str(value.dtype), str(value.device),
+                value.requires_grad]
+    return type(value).__name__ if not isinstance(value, (int, float, bool, torch.SymInt)) else str(value)
+
+
+def _graph_key(*parts: Any) -> str:
+    text = json.dumps([_code_hash(), *parts], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ReportStore:
+    """The reports of graphs compiled cold, for the cache hits that skip the pass (see the module docstring)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root if root is not None else _cache_dir()
+
+    def save(self, key: str, reports: Sequence[GraphReport]) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            target = self.root / f"{key}.json"
+            partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps([r.to_json() for r in reports]))
+            partial.replace(target)  # ranks writing the same key never leave half a file
+        except OSError as err:  # a read-only cache must not fail the compile: hits then say so
+            log.warning("hcms: could not record the report in %s: %s", self.root, err)
+
+    def load(self, key: str) -> list[GraphReport] | None:
+        try:
+            return [GraphReport.from_json(r) for r in json.loads((self.root / f"{key}.json").read_text())]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def _not_recorded(cache: str, store: ReportStore) -> str:
+    return (f"compiled code came from {cache}, and the report recorded when it was compiled is not in {store.root}; "
+            "the plan cannot be shown. Compile with torch._inductor.config.fx_graph_cache=False and "
+            "torch._functorch.config.enable_autograd_cache=False to see it")
+
+
+# -- the backend -----------------------------------------------------------------------------------
+
+
 class HcmsBackend:
     """A torch.compile backend that applies HCMS to every forward and backward graph."""
 
@@ -146,49 +290,68 @@ class HcmsBackend:
         exactness_policy(exact)
         self.chunks, self.inner, self.exact, self.profile = chunks, inner, exact, profile
         self.reports: list[GraphReport] = []
-        self._profiles: dict[str, DeviceProfile] = {}
+        self._profiles: dict[tuple[Any, ...], DeviceProfile] = {}
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        options = options_from_env(self.chunks, self.exact)
-        if not options.enabled:
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+                 options: dict[str, Any] | None = None) -> Callable[..., Any]:
+        """Compile one Dynamo graph; `mode` and `options` are torch.compile's, passed on to Inductor."""
+        options_ = options_from_env(self.chunks, self.exact)
+        if self.inner == "aot_eager" and ((mode and mode != "default") or options):
+            given = f"mode={mode!r}" if mode and mode != "default" else f"options={options!r}"
+            raise ValueError(f"hcms backend: {given} configures Inductor, and this backend compiles with "
+                             "inner='aot_eager'; use make_backend(inner='inductor') or drop it")
+        patches = inductor_config_patches(mode, options) if self.inner == "inductor" else {}
+        exchanges = [node for node in gm.graph.nodes if is_all_to_all(node)]
+        if not options_.enabled:
             log.info("hcms: HCMS_DISABLE is set; compiling without the pass")
-        elif any(is_all_to_all(node) for node in gm.graph.nodes):
-            options = replace(options, profile=self._profile_for(example_inputs, agree=options.chunks == AUTO))
+        elif exchanges:
+            profile = self._profile_for(example_inputs, _exchange_groups(exchanges), must_agree=options_.chunks == AUTO)
+            options_ = replace(options_, profile=profile)
         if self.inner == "inductor":
-            return self._inductor(gm, example_inputs, options)
-        return self._aot_eager(gm, example_inputs, options)
+            return self._inductor(gm, example_inputs, options_, patches)
+        return self._aot_eager(gm, example_inputs, options_)
 
-    def _inductor(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: HcmsOptions):
+    def _inductor(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: HcmsOptions,
+                  patches: dict[str, Any]) -> Callable[..., Any]:
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         if not options.enabled:
-            return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        store = ReportStore()
+        graph_pass = HcmsGraphPass(options, self.reports)
+        # every graph of this Dynamo graph, for AOTAutograd's cache hits (the backward comes later, lazily)
+        dynamo_key = _graph_key("dynamo", options.key(), sorted(patches.items(), key=str), gm.code,
+                                [_input_meta(t) for t in example_inputs], torch.is_grad_enabled())
+        recorded: list[GraphReport] = []
 
         def inner_compile(graph_module: torch.fx.GraphModule, inputs: Any, **kwargs: Any) -> Any:
+            phase = _inner_phase(kwargs)
+            key = _graph_key("inner", dynamo_key, phase, graph_module.code, [_input_meta(t) for t in inputs])
             before = len(self.reports)
-            compiled = compile_fx_inner(graph_module, inputs, **kwargs)
-            if len(self.reports) == before:
-                # a cache hit skips post-grad passes; the cache key holds our uuid, so the cached
-                # code was rewritten with this very plan: derive the report from a copy
-                phase = "backward" if kwargs.get("is_backward") else "forward"
-                copy = torch.fx.GraphModule(graph_module, deepcopy(graph_module.graph))
-                sites = options.rewrite(copy.graph)
-                self.reports.append(GraphReport(phase, sites, cached=True))
+            graph_pass.phase = phase
+            try:
+                compiled = compile_fx_inner(graph_module, inputs, **kwargs)
+            finally:
+                graph_pass.phase = None
+            if len(self.reports) > before:
+                store.save(key, self.reports[before:])
+            else:  # Inductor's FX graph cache served it and skipped the pass
+                self.reports.append(_from_store(store, key, phase, "Inductor's FX graph cache"))
+            recorded.extend(self.reports[before:])
+            store.save(dynamo_key, recorded)
             return compiled
 
-        patches = {"post_grad_custom_pre_pass": _as_custom_pass(HcmsGraphPass(options, self.reports))}
+        patches = {**patches, "post_grad_custom_pre_pass": _as_custom_pass(graph_pass)}
         before = len(self.reports)
-        dynamo_graph = deepcopy(gm.graph)  # compile_fx may change gm's graph in place
         compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
-        if len(self.reports) == before:
-            # AOTAutograd's cache served the whole compile (its key holds our uuid): report the plan
-            # as the Dynamo graph shows it; the backward graph is not rebuilt just to report on it
-            sites = options.rewrite(torch.fx.GraphModule(gm, dynamo_graph).graph)
-            self.reports.append(GraphReport("forward", sites, cached=True))
+        if len(self.reports) == before:  # AOTAutograd's cache served every graph of it
+            found = store.load(dynamo_key)
+            self.reports.extend(found if found else
+                                [GraphReport("unknown", missing=_not_recorded("AOTAutograd's cache", store))])
         return compiled
 
     def _aot_eager(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: HcmsOptions):
-        from functorch.compile import make_boxed_func
+        from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
         from torch._dynamo.backends.common import aot_autograd
 
         def compiler(phase: str) -> Callable[..., Any]:
@@ -197,29 +360,71 @@ class HcmsBackend:
                 if options.enabled:
                     sites = options.rewrite(graph_module.graph)
                     graph_module.recompile()
-                self.reports.append(GraphReport(_phase(graph_module.graph, phase), sites, graph_module))
+                self.reports.append(GraphReport(phase, sites, graph_module))
                 return make_boxed_func(graph_module.forward)
 
             return compile_graph
 
-        backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-                               inference_compiler=compiler("inference"))
+        # partitioned as torch's own aot_eager backend (torch/_dynamo/backends/debugging.py): the default
+        # partitioner would leave a dead recomputation of the forward attention in the backward graph
+        backend = aot_autograd(fw_compiler=compiler(FORWARD), bw_compiler=compiler(BACKWARD),
+                               inference_compiler=compiler(INFERENCE),
+                               partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True)
         return backend(gm, example_inputs)
 
-    def _profile_for(self, example_inputs: Sequence[Any], agree: bool) -> DeviceProfile:
-        """The device profile, resolved once per device. Under "auto" the ranks then agree on it (one
-        small all-reduce, at the first compile of a graph with an all-to-all, which every rank runs):
-        a node with another saved profile would otherwise plan differently and hang the collectives."""
+    def _profile_for(self, example_inputs: Sequence[Any], groups: list[tuple[str, dist.ProcessGroup | None]],
+                     must_agree: bool) -> DeviceProfile:
+        """The device profile for the graph's device and exchange groups, resolved once per both. Under
+        "auto" the ranks of each group then agree on it (see the module docstring)."""
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        key = f"{device} {agree}"
+        key = (str(device), tuple(name for name, _ in groups), must_agree)
         if key not in self._profiles:
-            world = dist.get_world_size() if dist.is_initialized() else None
-            profile = resolve_profile(self.profile, device, world)
-            self._profiles[key] = agree_if_distributed(profile) if agree else profile
+            sizes = {dist.get_world_size(group) for _, group in groups if group is not None}
+            profile = resolve_profile(self.profile, device, sizes.pop() if len(sizes) == 1 else None)
+            self._profiles[key] = _agree_over(profile, groups) if must_agree else profile
         return self._profiles[key]
 
     def tables(self) -> str:
         return "\n\n".join(report.table() for report in self.reports)
+
+
+def _from_store(store: ReportStore, key: str, phase: str, cache: str) -> GraphReport:
+    found = store.load(key)
+    if found and len(found) == 1:
+        return found[0]
+    return GraphReport(phase, missing=_not_recorded(cache, store))
+
+
+def _exchange_groups(exchanges: Sequence[torch.fx.Node]) -> list[tuple[str, dist.ProcessGroup | None]]:
+    """The process groups of the graph's all-to-alls, by name (sorted, so every rank visits them in one
+    order); a group this process cannot resolve is None."""
+    groups: dict[str, dist.ProcessGroup | None] = {}
+    for node in exchanges:
+        group = exchange_args(node).group
+        if isinstance(group, dist.ProcessGroup):
+            groups[group.group_name] = group
+        elif isinstance(group, str) and group not in groups:
+            groups[group] = _resolve_group(group)
+    return sorted(groups.items(), key=lambda item: item[0])
+
+
+def _resolve_group(name: str) -> dist.ProcessGroup | None:
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(name)
+    except (ImportError, ValueError, RuntimeError, KeyError):
+        return None
+
+
+def _agree_over(profile: DeviceProfile, groups: list[tuple[str, dist.ProcessGroup | None]]) -> DeviceProfile:
+    """`agree` over each group in turn. Over a device mesh's groups (one per dimension) that gives every
+    rank of the mesh the same profile; with one group, every rank of that group."""
+    for _, group in groups:
+        if group is None or dist.get_world_size(group) == 1 or dist.get_backend(group) == "fake":
+            continue  # nothing to agree with, or in-process ranks that share one profile already
+        profile = agree(profile, group)
+    return profile
 
 
 def make_backend(chunks: ChunkSpec = AUTO, inner: str = "inductor", exact: bool | str = True,

@@ -20,8 +20,10 @@ Each mode is one row:
 Timing: a mode is built and compiled once (its first call is reported as `compile_s`), warmed up,
 then run for `repeats` steps. Each step starts after a barrier and a CUDA synchronize and ends with
 a synchronize; a step's time is the slowest rank's (all_reduce MAX). Rows report the median, the
-minimum and the maximum. Speed-up is the `compiled` median over the mode's median. Overlap
-efficiency is `overlap_efficiency` on the `comm-only` and `attention-only` parts.
+minimum and the maximum. Speed-up is the `compiled` median over the mode's median, marked "within
+noise" where the two medians differ by less than the larger spread (max - min) of the two rows. Overlap
+efficiency is `overlap_efficiency` on the `comm-only` and `attention-only` parts, printed only inside
+[0, 1] and outside the noise; elsewhere "n/a" with the reason (slower than plain, within noise, ...).
 
 Runs under torchrun (NCCL on cuda:LOCAL_RANK, or gloo without CUDA) or, without a torchrun
 environment, spawns `--ranks` gloo processes on the CPU. Every rank walks targets, sequence lengths
@@ -68,7 +70,7 @@ GPU_SEQS = (8192, 16384, 32768, 56000, 75600, 131072)
 CPU_SEQS = (256, 512, 1024)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASES = ("forward", "backward")
-_HCMS_MODE = re.compile(r"hcms-(\d+|auto)")
+_HCMS_MODE = re.compile(r"hcms-([1-9]\d*|auto)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +196,10 @@ class Row:
     sites_total: int | None = None
     chunks: dict[str, list[int]] = field(default_factory=dict)  # phase -> chunk sizes of its rewritten site
     speedup: float | None = None
+    within_noise: bool = False  # the median differs from the baseline's by less than the repeats' spread
     ideal_ms: float | None = None
-    overlap_efficiency: float | None = None
+    overlap_efficiency: float | None = None  # only a figure in [0, 1]; else None and efficiency_note says why
+    efficiency_note: str = ""
 
 
 def rows_from_json(results: dict[str, Any]) -> list[Row]:
@@ -213,24 +217,61 @@ def _phase_costs(row: Row, comm: Row, attention: Row) -> list[PhaseCost]:
     return costs
 
 
+def _spread(row: Row) -> float:
+    return 0.0 if row.min_ms is None or row.max_ms is None else row.max_ms - row.min_ms
+
+
 def derive_figures(rows: Sequence[Row]) -> None:
-    """Fill speed-up (modes against `compiled`) and, for HCMS rows, ideal time and overlap efficiency."""
+    """Fill speed-up (modes against `compiled`, marked within noise where the medians differ by less than
+    the larger spread of the two rows' repeats) and, for HCMS rows, ideal time and overlap efficiency.
+
+    The efficiency is a figure only inside [0, 1]; elsewhere, or within noise, `efficiency_note` says why not.
+    """
     by_key = {(r.target, r.seq, r.mode): r for r in rows if r.status == "ok"}
     for row in rows:
         plain = by_key.get((row.target, row.seq, BASELINE))
         if row.status != "ok" or row.mode in MEASURE_MODES or plain is None:
             continue
         row.speedup = plain.median_ms / row.median_ms
+        row.within_noise = row is not plain and \
+            abs(plain.median_ms - row.median_ms) <= max(_spread(plain), _spread(row))
+        if not row.mode.startswith("hcms-"):
+            continue
         comm = by_key.get((row.target, row.seq, "comm-only"))
         attention = by_key.get((row.target, row.seq, "attention-only"))
-        # where HCMS rewrote nothing it hid nothing: a ratio would only measure noise
-        if not row.mode.startswith("hcms-") or row.sites_rewritten == 0 or comm is None or attention is None:
+        if row.sites_rewritten == 0:  # it hid nothing: a ratio would only measure noise
+            row.efficiency_note = "nothing rewritten"
+            continue
+        if comm is None or attention is None:
+            row.efficiency_note = "needs the comm-only and attention-only rows"
             continue
         phases = _phase_costs(row, comm, attention)
         # the block runs more than the site; what it runs besides stays in the ideal time
         rest = 0.0 if row.target == "layer" else plain.median_ms - sum(p.comm_ms + p.compute_ms for p in phases)
         row.ideal_ms = ideal_ms(phases, rest)
-        row.overlap_efficiency = overlap_efficiency(plain.median_ms, row.median_ms, row.ideal_ms)
+        efficiency = overlap_efficiency(plain.median_ms, row.median_ms, row.ideal_ms)
+        if efficiency is None:
+            row.efficiency_note = "nothing to hide"
+        elif row.within_noise:
+            row.efficiency_note = "within noise"
+        elif efficiency < 0:
+            row.efficiency_note = "slower than plain"
+        elif efficiency > 1:
+            row.efficiency_note = "faster than the ideal: the parts timed apart overstate it"
+        else:
+            row.overlap_efficiency = efficiency
+
+
+def _efficiency(row: Row) -> str:
+    if row.overlap_efficiency is not None:
+        return f"{row.overlap_efficiency:.0%}"
+    return f"n/a: {row.efficiency_note}" if row.efficiency_note else "-"
+
+
+def _speedup(row: Row) -> str:
+    if row.speedup is None:
+        return "-"
+    return f"{row.speedup:.2f}x" + (" (within noise)" if row.within_noise else "")
 
 
 def _ms(value: float | None) -> str:
@@ -245,8 +286,7 @@ def format_table(rows: Sequence[Row]) -> str:
         sites = "-" if r.sites_total is None else f"{r.sites_rewritten}/{r.sites_total}"
         note = r.note if r.status == "ok" else f"{r.status}: {r.note}"
         table.append((r.target, r.seq, r.mode, _ms(r.median_ms), spread,
-                      "-" if r.speedup is None else f"{r.speedup:.2f}x", sites, _ms(r.ideal_ms),
-                      "-" if r.overlap_efficiency is None else f"{r.overlap_efficiency:.0%}",
+                      _speedup(r), sites, _ms(r.ideal_ms), _efficiency(r),
                       note if len(note) <= 90 else note[:87] + "..."))
     headers = ("target", "seq", "mode", "median ms", "min-max ms", f"vs {BASELINE}", "sites rewritten",
                "ideal ms", "overlap eff.", "note")

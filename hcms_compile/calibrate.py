@@ -34,6 +34,7 @@ import os
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -97,6 +98,10 @@ def load_profile(path: str | os.PathLike[str] | None = None, *, device: str | No
     device's slug) and `world_size` (the default group's, when one is initialised).
     """
     if path is None:
+        env = os.environ.get("HCMS_PROFILE")
+        if env and not Path(env).expanduser().is_file():
+            raise FileNotFoundError(f"HCMS_PROFILE={env!r} names no file: unset it, or run `hcms calibrate` to "
+                                    "measure a profile and save it there")
         if device is None:
             device = device_slug(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         if world_size is None and dist.is_initialized():
@@ -116,28 +121,52 @@ def load_profile(path: str | os.PathLike[str] | None = None, *, device: str | No
 
 def resolve_profile(profile: DeviceProfile | str | os.PathLike[str] | None, device: torch.device,
                     world_size: int | None) -> DeviceProfile:
-    """The profile the planner uses: `profile` itself, or the file it names; else the one `hcms
-    calibrate` saved for this device and world size; else the built-in estimate for the device."""
-    if isinstance(profile, DeviceProfile):
-        return profile
+    """The profile the planner uses for an all-to-all over `world_size` ranks on `device`: `profile`
+    itself, or the file it names; else `$HCMS_PROFILE`; else the one `hcms calibrate` saved for this
+    device and world size; else the built-in estimate for the device.
+
+    A profile measured for another device or world size would plan with wrong numbers: one the user
+    chose (`profile`, `$HCMS_PROFILE`) is an error naming both; a saved file that does not fit its
+    own name (copied from elsewhere) gives a warning and the built-in estimate.
+    """
     if profile is not None:
-        found = load_profile(profile)
-        if found is None:
+        chosen = profile if isinstance(profile, DeviceProfile) else load_profile(profile)
+        if chosen is None:
             raise FileNotFoundError(f"no hcms profile at {profile}")
-        return found
+        mismatch = profile_mismatch(chosen, device, world_size)
+        if mismatch:
+            raise ValueError(f"profile={profile if not isinstance(profile, DeviceProfile) else chosen.name!r} "
+                             f"does not fit this graph: {mismatch}")
+        return chosen
     found = load_profile(device=device_slug(device), world_size=world_size)
-    if found is not None:
+    mismatch = profile_mismatch(found, device, world_size) if found is not None else ""
+    if mismatch and os.environ.get("HCMS_PROFILE"):
+        raise ValueError(f"HCMS_PROFILE={os.environ['HCMS_PROFILE']!r} does not fit this graph: {mismatch}")
+    if found is not None and not mismatch:
         return found
     kind = "cuda" if device.type == "cuda" else "cpu"
     name = torch.cuda.get_device_name(device) if kind == "cuda" else ""
-    return default_profile(kind, name, _interconnect(device, world_size or 1))
+    builtin = default_profile(kind, name, _interconnect(device, world_size or 1))
+    if mismatch:
+        warnings.warn(f"the saved hcms profile {profile_path(device_slug(device), world_size)} does not fit this "
+                      f"graph ({mismatch}); planning with the built-in estimate {builtin.name} instead",
+                      stacklevel=2)
+    return builtin
 
 
-def agree_if_distributed(profile: DeviceProfile) -> DeviceProfile:
-    """`agree` over the default group when there is a real one to agree over; else `profile`."""
-    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() == "fake":
-        return profile
-    return agree(profile)
+def profile_mismatch(profile: DeviceProfile, device: torch.device, world_size: int | None) -> str:
+    """Why `profile` was not measured for all-to-alls over `world_size` ranks on `device`; "" when it was.
+    Built-in estimates are named by kind, not by device, so only measured profiles are checked by device."""
+    problems = []
+    if profile.world_size is not None and world_size is not None and profile.world_size != world_size:
+        problems.append(f"{profile.name} was calibrated at world size {profile.world_size}, and the all-to-all "
+                        f"here runs over {world_size} ranks")
+    if not profile.estimate and device.type in ("cpu", "cuda") and profile.name != device_slug(device):
+        problems.append(f"{profile.name} was calibrated on another device than this graph's {device_slug(device)}")
+    if problems:
+        problems.append(f"run `hcms calibrate` with {world_size or 'this many'} ranks on this device, or pass "
+                        "a profile that fits")
+    return "; ".join(problems)
 
 
 def render_profile(profile: DeviceProfile) -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .passes.plan import parse_chunks
+from .passes.plan import ChunkSpec, chunk_sizes, parse_chunks, validate_chunks
 from .testing.layouts import LAYOUTS
 
 
@@ -14,28 +14,44 @@ def _sizes(text: str) -> tuple[int, ...]:
     return tuple(int(float(p)) for p in text.split(",") if p)
 
 
+def _chunks(text: str) -> ChunkSpec:
+    """--chunks: checked here, before any rank is spawned."""
+    try:
+        return validate_chunks(parse_chunks(text))
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, a count >= 1 like 3, or local heads per chunk "
+                                         f"like 2+1 ({err})") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hcms", description="HCMS: pipeline Ulysses all-to-all with attention")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="rewrite a Ulysses transformer on CPU ranks and check it bit for bit")
-    demo.add_argument("--ranks", type=int, default=4)
-    demo.add_argument("--blocks", type=int, default=4)
-    demo.add_argument("--heads", type=int, default=12, help="global heads (divisible by --ranks)")
-    demo.add_argument("--head-dim", type=int, default=32)
-    demo.add_argument("--tokens-per-rank", type=int, default=64)
-    demo.add_argument("--chunks", type=parse_chunks, default=2,
+    demo.add_argument("--ranks", type=_positive, default=4)
+    demo.add_argument("--blocks", type=_positive, default=4)
+    demo.add_argument("--heads", type=_positive, default=12, help="global heads (divisible by --ranks)")
+    demo.add_argument("--head-dim", type=_positive, default=32)
+    demo.add_argument("--tokens-per-rank", type=_positive, default=64)
+    demo.add_argument("--chunks", type=_chunks, default=2,
                       help="auto, a count, or local heads per chunk: 2+1 (default 2: on CPU ranks the cost model "
                            "would rightly leave every site alone, and the demo is about showing the rewrite)")
     demo.add_argument("--layout", choices=[n for n, lay in LAYOUTS.items() if lay.functional], default="funcol")
     demo.add_argument("--causal", action="store_true")
-    demo.add_argument("--repeats", type=int, default=5)
-    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--repeats", type=_positive, default=5)
+    demo.add_argument("--batch", type=_positive, default=2)
     demo.add_argument("--inner", choices=["inductor", "aot_eager"], default="inductor",
                       help="the compiler HCMS hands the rewritten graphs to")
     calibrate = sub.add_parser("calibrate", help="measure this machine's device profile on every rank and save it")
-    calibrate.add_argument("--ranks", type=int, default=2, help="CPU ranks to spawn when not under torchrun")
+    calibrate.add_argument("--ranks", type=_positive, default=2, help="CPU ranks to spawn when not under torchrun")
     calibrate.add_argument("--sizes", type=_sizes, default=None, help="all-to-all buffer bytes per rank: 1e6,1e7")
-    calibrate.add_argument("--repeats", type=int, default=5)
+    calibrate.add_argument("--repeats", type=_positive, default=5)
     calibrate.add_argument("--attention-tokens", type=int, default=None)
     calibrate.add_argument("--interconnect", choices=["nvlink", "pcie", "ib"], default=None)
     calibrate.add_argument("--backend", default=None, help="process group backend under torchrun")
@@ -61,10 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.heads % args.ranks:
             parser.error(f"--heads {args.heads} is not divisible by --ranks {args.ranks}")
+        local = args.heads // args.ranks
+        if args.chunks != "auto" and isinstance(chunk_sizes(local, args.chunks), str):
+            parser.error(f"--chunks {args.chunks}: {chunk_sizes(local, args.chunks)} ({args.heads} heads over "
+                         f"{args.ranks} ranks)")
         cfg = UlyssesConfig(heads=args.heads, head_dim=args.head_dim, blocks=args.blocks, layout=args.layout,
                             causal=args.causal)
-        run_demo(DemoArgs(ranks=args.ranks, batch=args.batch, tokens_per_rank=args.tokens_per_rank,
-                          chunks=args.chunks, repeats=args.repeats, inner=args.inner, config=cfg))
+        return run_demo(DemoArgs(ranks=args.ranks, batch=args.batch, tokens_per_rank=args.tokens_per_rank,
+                                 chunks=args.chunks, repeats=args.repeats, inner=args.inner, config=cfg))
     return 0
 
 

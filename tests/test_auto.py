@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 from hcms_compile.passes.cost_model import site_cost
@@ -78,8 +80,10 @@ def test_a_saved_profile_is_found_by_path_and_by_environment(tmp_path, monkeypat
     assert hcms_compile.rewrite(_graph(), profile=str(path)).sites[0].rewritten
     monkeypatch.setenv("HCMS_PROFILE", str(path))
     assert hcms_compile.rewrite(_graph()).sites[0].rewritten  # the built-in CPU estimate would not chunk
-    monkeypatch.setenv("HCMS_PROFILE", str(tmp_path / "missing.json"))
-    assert not hcms_compile.rewrite(_graph()).sites[0].rewritten
+    missing = tmp_path / "missing.json"
+    monkeypatch.setenv("HCMS_PROFILE", str(missing))
+    with pytest.raises(FileNotFoundError, match=f"HCMS_PROFILE='{missing}' names no file"):
+        hcms_compile.rewrite(_graph())
 
 
 def test_the_cache_key_holds_the_profile_only_when_the_plan_depends_on_it():
@@ -128,3 +132,71 @@ def test_ranks_with_different_saved_profiles_reach_one_plan(tmp_path):
     for r in ranks:
         assert torch.equal(r["out"], r["want"])
 
+
+
+# -- agreement involves only the ranks that run the site's collectives ---------------------------
+
+TIMEOUT_S = 60  # the process groups' timeout: a rank waiting on one that never comes fails after this
+
+
+def _pipeline_rank(rank: int, world: int, port: int, sp_groups: list[list[int]], attention: list[int],
+                   out_dir: str) -> None:
+    from datetime import timedelta
+
+    from hcms_compile.calibrate import save_profile
+    from hcms_compile.spawn import leave_gloo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    timeout = timedelta(seconds=TIMEOUT_S)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    torch.set_num_threads(1)
+    groups = [dist.new_group(members, timeout=timeout) for members in sp_groups]  # every rank creates every group
+    mine = next((g for g, members in zip(groups, sp_groups, strict=True) if rank in members), None)
+    start = time.perf_counter()
+    result: dict[str, object] = {}
+    if rank in attention:  # a stage with Ulysses attention over its own SP group, chunks="auto"
+        local = [torch.randn(1, 64, 8, 16, generator=torch.Generator().manual_seed(rank)) for _ in range(3)]
+        gm = trace(functools.partial(_attend, mine), local)
+        balanced = _balanced(gm)
+        profile = balanced if rank == attention[0] else dataclasses.replace(balanced, a2a_bandwidth=1e15)
+        os.environ["HCMS_PROFILE"] = str(save_profile(profile, os.path.join(out_dir, f"profile{rank}.json")))
+        backend = hcms_compile.make_backend(inner="aot_eager")
+        out = torch.compile(functools.partial(_attend, mine), backend=backend)(*local)
+        result = {"chunks": backend.reports[0].sites[0].chunk_sizes, "equal": torch.equal(out, _attend(mine, *local))}
+    elif mine is not None:  # a stage without attention: compiles its own graph and runs its own collectives
+        backend = hcms_compile.make_backend(inner="aot_eager")
+        x = torch.compile(lambda t: torch.relu(t) * 2, backend=backend)(torch.randn(4, 4))
+        dist.all_reduce(x, group=mine)
+        result = {"reports": [r.sites for r in backend.reports]}
+    result["seconds"] = time.perf_counter() - start
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    leave_gloo()
+
+
+def _run_pipeline(tmp_path, world: int, sp_groups: list[list[int]], attention: list[int]) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    from hcms_compile.spawn import free_port
+
+    mp.spawn(_pipeline_rank, args=(world, free_port(), sp_groups, attention, str(tmp_path)), nprocs=world)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _assert_agreed_and_prompt(results: list[dict], attention: list[int]) -> None:
+    chunks = {results[r]["chunks"] for r in attention}
+    assert len(chunks) == 1 and len(chunks.pop()) > 1  # one plan, agreed on the slower link's profile
+    assert all(results[r]["equal"] for r in attention)
+    # no rank waited for a peer that never came (that would take the whole TIMEOUT_S, then fail)
+    assert max(r["seconds"] for r in results) < TIMEOUT_S / 2, [r["seconds"] for r in results]
+
+
+def test_a_pipeline_stage_without_attention_is_not_waited_for(tmp_path):
+    # SP groups {0,1} and {2,3}: only ranks 0 and 1 have attention; 2 and 3 compile a graph without it
+    results = _run_pipeline(tmp_path, 4, [[0, 1], [2, 3]], attention=[0, 1])
+    _assert_agreed_and_prompt(results, [0, 1])
+    assert results[2]["reports"] == results[3]["reports"] == [[]]
+
+
+def test_a_rank_that_never_compiles_is_not_waited_for(tmp_path):
+    results = _run_pipeline(tmp_path, 3, [[0, 1]], attention=[0, 1])
+    _assert_agreed_and_prompt(results, [0, 1])

@@ -60,11 +60,15 @@ def _funcol_fn(world):
 def test_env_vars_override_chunks_and_disable():
     assert options_from_env(2, True, {"HCMS_CHUNKS": "2,1"}).chunks == (2, 1)
     assert options_from_env(2, True, {"HCMS_CHUNKS": "3"}).chunks == 3
-    assert options_from_env(2, True, {"HCMS_DISABLE": "1"}).enabled is False
-    with pytest.raises(ValueError, match="HCMS_CHUNKS='x'"):
-        options_from_env(2, True, {"HCMS_CHUNKS": "x"})
-    with pytest.raises(ValueError, match="chunks must be >= 1"):
-        options_from_env(2, True, {"HCMS_CHUNKS": "0"})
+    for value in ("1", "true", "True", "TRUE", "yes", "On", " on "):
+        assert options_from_env(2, True, {"HCMS_DISABLE": value}).enabled is False, value
+    for value in ("", "0", "false", "False", "no", "OFF"):
+        assert options_from_env(2, True, {"HCMS_DISABLE": value}).enabled is True, value
+    with pytest.raises(ValueError, match="HCMS_DISABLE='maybe'"):
+        options_from_env(2, True, {"HCMS_DISABLE": "maybe"})
+    for value in ("x", "0", "2,0", "-1"):
+        with pytest.raises(ValueError, match=f"HCMS_CHUNKS='{value}'"):
+            options_from_env(2, True, {"HCMS_CHUNKS": value})
 
 
 def test_env_chunks_reach_the_compiled_graph(monkeypatch):
@@ -169,16 +173,109 @@ def test_rewrite_logs_through_the_package_logger(caplog):
     assert any(r.name == "hcms_compile" and "rewritten" in r.getMessage() for r in caplog.records)
 
 
-def test_inductor_cache_hits_still_report_the_plan():
-    group = ranks.group(2)
+def _compile_and_step(fn, inputs, backend, train=True):
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(train):
+        out = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+    if train:
+        out.sum().backward()
+    return out
+
+
+def _plans(backend):
+    return [(r.phase, r.sites) for r in backend.reports]
+
+
+@pytest.mark.parametrize("autograd_cache", [True, False], ids=["aot-autograd-cache", "fx-graph-cache"])
+def test_warm_caches_report_what_the_cold_compile_did(tmp_path, monkeypatch, autograd_cache):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    fn = _funcol_fn(2)
+    inputs = [torch.randn(2, 32, 4, 8, requires_grad=True) for _ in range(3)]
+    runs = []
+    with torch._inductor.config.patch(fx_graph_cache=True), \
+            torch._functorch.config.patch(enable_autograd_cache=autograd_cache):
+        for _ in range(2):  # the second compile, after a reset, is served from the on-disk caches
+            counters.clear()
+            backend = hcms_compile.make_backend(chunks=2, inner="inductor")
+            _compile_and_step(fn, inputs, backend)
+            runs.append((backend, dict(counters["inductor"]), dict(counters["aot_autograd"])))
+    (cold, cold_inductor, _), (warm, warm_inductor, warm_aot) = runs
+    assert cold_inductor.get("fxgraph_cache_miss") == 2 and not cold_inductor.get("fxgraph_cache_hit")
+    assert warm_inductor.get("fxgraph_cache_hit") == 2 and not warm_inductor.get("fxgraph_cache_miss")
+    assert warm_aot.get("autograd_cache_hit", 0) == (1 if autograd_cache else 0)
+    assert [phase for phase, _ in _plans(cold)] == ["forward", "backward"]
+    assert all(site.rewritten for _, sites in _plans(cold) for site in sites)
+    assert _plans(warm) == _plans(cold)  # same phases, sites, names, kernels, chunks, predictions
+    assert all(r.cached and not r.missing for r in warm.reports) and not any(r.cached for r in cold.reports)
+
+
+def test_a_cache_hit_without_a_recorded_report_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    fn, inputs = _funcol_fn(2), [torch.randn(1, 32, 4, 8) for _ in range(3)]
+    with torch._inductor.config.patch(fx_graph_cache=True), \
+            torch._functorch.config.patch(enable_autograd_cache=True):
+        _compile_and_step(fn, inputs, hcms_compile.make_backend(chunks=2), train=False)
+        for record in (tmp_path / "hcms_reports").iterdir():
+            record.unlink()
+        warm = hcms_compile.make_backend(chunks=2)
+        _compile_and_step(fn, inputs, warm, train=False)
+    (report,) = warm.reports
+    assert report.missing and not report.sites
+    assert "cache" in report.table() and "plan cannot be shown" in report.table()
+
+
+def test_inference_graphs_are_labelled_inference_under_inductor():
+    backend = hcms_compile.make_backend(chunks=2, inner="inductor")
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _compile_and_step(_funcol_fn(2), [torch.randn(1, 32, 4, 8) for _ in range(3)], backend, train=False)
+    assert [r.phase for r in backend.reports] == ["inference"]
+    assert backend.reports[0].sites[0].rewritten
+
+
+@pytest.mark.parametrize("how", [{"mode": "reduce-overhead"}, {"options": {"epilogue_fusion": False}}],
+                         ids=["mode", "options"])
+def test_torch_compile_mode_and_options_reach_inductor(monkeypatch, how):
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = []
+    real = compile_fx_module.compile_fx_inner
+
+    def spy(*args, **kwargs):
+        config = torch._inductor.config
+        seen.append((config.triton.cudagraphs, config.epilogue_fusion, config.post_grad_custom_pre_pass))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx_inner", spy)
+    backend = hcms_compile.make_backend(chunks=2)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        torch.compile(_funcol_fn(2), backend=backend, fullgraph=True, **how)(*[torch.randn(1, 32, 4, 8)
+                                                                                for _ in range(3)])
+    ((cudagraphs, epilogue_fusion, hcms_pass),) = seen
+    assert (cudagraphs, epilogue_fusion) == ((True, True) if "mode" in how else (False, False))
+    assert hcms_pass is not None and backend.reports[0].sites[0].rewritten  # merged with the HCMS pass
+
+
+def test_unknown_options_and_inductor_settings_without_inductor_are_named():
     inputs = [torch.randn(1, 32, 4, 8) for _ in range(3)]
-    statuses = []
-    for _ in range(2):  # the second compile is served from Inductor's FX graph cache
-        backend = hcms_compile.make_backend(chunks=2, inner="inductor")
+    inductor, aot_eager = "inductor", "aot_eager"
+    cases = [(inductor, {"options": {"no_such_option": 1}}, "unknown Inductor option 'no_such_option'"),
+             (inductor, {"options": {"epilogue_fusion": "yes"}}, "'epilogue_fusion' takes a bool"),
+             (inductor, {"mode": "fastest"}, "Unrecognized mode=fastest"),
+             (aot_eager, {"mode": "max-autotune"}, "inner='aot_eager'"),
+             (aot_eager, {"options": {"epilogue_fusion": False}}, "inner='aot_eager'")]
+    for inner, how, message in cases:
+        backend = hcms_compile.make_backend(inner=inner)
         torch._dynamo.reset()
-        with torch.no_grad():
-            torch.compile(lambda q, k, v: attn_funcol(q, k, v, group), backend=backend, fullgraph=True)(*inputs)
-        (report,) = backend.reports
-        statuses.append(([s.status for s in report.sites], report.cached))
-    assert statuses[0][0] == statuses[1][0] == ["rewritten"]
-    assert statuses[1][1] is True
+        with pytest.raises(Exception, match=message):
+            torch.compile(_funcol_fn(2), backend=backend, fullgraph=True, **how)(*inputs)
+
+
+def test_aot_eager_backward_does_not_recompute_the_forward_attention():
+    backend = hcms_compile.make_backend(chunks=2, inner="aot_eager")
+    graphs = compile_graphs(_funcol_fn(2), [torch.randn(2, 32, 4, 8) for _ in range(3)], backend)
+    targets = {str(n.target) for n in graphs.backward.graph_module.graph.nodes if n.op == "call_function"}
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" not in targets
+    assert [s.status for s in graphs.backward.sites] == ["rewritten"]

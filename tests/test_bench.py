@@ -89,6 +89,32 @@ def test_derive_figures_counts_an_untouched_pass_as_one_chunk():
     assert rows[-1].overlap_efficiency == pytest.approx(1.0 / 4.0)
 
 
+def _noisy(mode: str, median: float, spread: float, **kw) -> Row:
+    return Row("layer", 1024, mode, median_ms=median, min_ms=median - spread / 2, max_ms=median + spread / 2, **kw)
+
+
+def test_results_inside_the_noise_and_efficiencies_outside_0_1_are_not_figures():
+    parts = {"forward_first": 3.0, "forward_last": 1.0}
+    hcms = {"chunks": {"forward": [1, 1]}, "sites_rewritten": 1, "sites_total": 1}
+    rows = [_noisy("comm-only", 4.0, 0.0, parts_ms=parts),
+            _noisy("attention-only", 10.0, 0.0, parts_ms={"forward": 10.0}),
+            _noisy("compiled", 14.5, 0.4),
+            _noisy("hcms-2", 14.3, 0.4, **hcms),  # 0.2 ms apart, repeats spread 0.4 ms: noise
+            _noisy("hcms-3", 16.0, 0.1, **hcms),  # clearly slower: efficiency -60%
+            _noisy("hcms-4", 11.0, 0.1, **hcms),  # faster than the ideal 12 ms: efficiency 140%
+            _noisy("hcms-auto", 13.0, 0.1, **hcms)]  # 60%: a figure
+    derive_figures(rows)
+    by_mode = {r.mode: r for r in rows}
+    assert by_mode["hcms-2"].within_noise and by_mode["hcms-2"].efficiency_note == "within noise"
+    assert by_mode["hcms-3"].efficiency_note == "slower than plain"
+    assert by_mode["hcms-4"].efficiency_note.startswith("faster than the ideal")
+    assert by_mode["hcms-auto"].overlap_efficiency == pytest.approx(0.6) and not by_mode["hcms-auto"].within_noise
+    assert all(r.overlap_efficiency is None for r in rows if r.mode != "hcms-auto")
+    table = bench.format_table(rows)
+    assert "1.01x (within noise)" in table and "n/a: slower than plain" in table and "60%" in table
+    assert "-60%" not in table and "140%" not in table
+
+
 def test_format_table_shows_skips_and_errors():
     rows = [_row("layer", "compiled", 2.0), Row("layer", 1024, "hcms-auto", status="error", note="TypeError: no")]
     derive_figures(rows)
@@ -115,6 +141,8 @@ def test_bad_arguments_are_refused_before_spawning(capsys):
     assert bench.run_bench_command(_parse("--trace-png", "x.png", "--heads", "4")) == 2
     with pytest.raises(SystemExit):
         _parse("--modes", "hcms-many")
+    with pytest.raises(SystemExit):
+        _parse("--modes", "hcms-0")
 
 
 def test_missing_matplotlib_is_a_clear_error(monkeypatch, capsys):

@@ -30,6 +30,14 @@ def test_variants_are_bitwise_in_training(case: UlyssesCase):
         assert not site.rewritten and "chunks requested" in site.reason, site
         event("more chunks than KV heads: skipped")
         return
+    if case.variant.kv_style == "repeat" and not site.rewritten:
+        # Known limitation (found when the kit's aot_eager began partitioning as torch's aot_eager and
+        # Inductor do, with the min-cut partitioner): it saves the exchanged, not yet repeated, keys and
+        # values for the backward, and the match refuses an exchanged tensor that escapes the site.
+        # The site is left alone (bits unchanged, checked above); Inductor training sees the same graph.
+        assert "is also used by ['output']" in site.reason, site.reason
+        event("explicit repeat in training: exchanged KV saved for the backward, skipped")
+        return
     assert site.rewritten, site.reason
     event(f"rewritten: kv {case.kv_heads}/{case.heads} {case.variant.kv_style}, mask {case.variant.mask}")
     backward = [s for g in result.graphs if g.phase == "backward" for s in g.sites]
