@@ -11,6 +11,13 @@ Steps of each `Emitter` call:
 2. Compute its fake value under the graph's fake mode; a failure raises `EmitError`, and the
    rewrite undoes the site.
 3. Record the node so the caller can tag it and, on failure, erase it.
+
+Symbolic sizes (a dynamic sequence length): a size argument that is a SymInt becomes a node that
+computes it, never a constant, so the graph stays valid for every value (`size_arg`). It is an
+existing node of that value before the anchor (a SymInt placeholder, a `floordiv` Dynamo traced),
+else `sym_size` of a tensor before the anchor that has that size, else products, sums and floor
+divisions of those. These size nodes stay before the anchor, outside the pipeline stages, so every
+chunk can use them; a size that cannot be built is an `EmitError`.
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import sympy
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, Node
 from torch.fx.node import map_arg
+from torch.utils._sympy.functions import FloorDiv
+
+from .symbolic import Size, is_symbolic, known, known_contiguous, same, size
 
 aten = torch.ops.aten
 
@@ -49,20 +60,22 @@ def _fake_mode(graph: Graph, key: str) -> FakeTensorMode:
     return FakeTensorMode()
 
 
-def viewable(shape: tuple[int, ...], stride: tuple[int, ...], new_shape: Sequence[int]) -> bool:
-    """Whether eager `view` accepts this reshape; ATen's stride rule (fake tensors are laxer)."""
-    if math.prod(shape) == 0 or not shape:
+def viewable(shape: Sequence[Size], stride: Sequence[Size], new_shape: Sequence[Size]) -> bool:
+    """Whether eager `view` accepts this reshape; ATen's stride rule (fake tensors are laxer). With
+    symbolic sizes, only when that holds for every value (otherwise the caller copies)."""
+    if not shape or known(math.prod(shape) == 0):
         return True
     view_d = len(new_shape) - 1
     base = stride[-1]
-    tensor_numel = view_numel = 1
+    tensor_numel: Size = 1
+    view_numel: Size = 1
     for d in range(len(shape) - 1, -1, -1):
-        tensor_numel *= shape[d]
-        if d == 0 or (shape[d - 1] != 1 and stride[d - 1] != tensor_numel * base):
-            while view_d >= 0 and (view_numel < tensor_numel or new_shape[view_d] == 1):
-                view_numel *= new_shape[view_d]
+        tensor_numel = tensor_numel * shape[d]
+        if d == 0 or not (same(shape[d - 1], 1) or same(stride[d - 1], tensor_numel * base)):
+            while view_d >= 0 and (known(view_numel < tensor_numel) or same(new_shape[view_d], 1)):
+                view_numel = view_numel * new_shape[view_d]
                 view_d -= 1
-            if view_numel != tensor_numel:
+            if not same(view_numel, tensor_numel):
                 return False
             if d > 0:
                 base = stride[d - 1]
@@ -78,6 +91,9 @@ class Emitter:
         self.key = "example_value" if self.dialect == "torch" else "val"
         self.mode = _fake_mode(graph, self.key)
         self.created: list[Node] = []
+        self.size_nodes: list[Node] = []  # symbolic size arguments, outside the pipeline stages
+        self._sizes: dict[sympy.Expr, Node] | None = None
+        self._dims: dict[sympy.Expr, tuple[Node, int]] = {}
 
     # -- fake values ---------------------------------------------------------------------------
     def _fake(self, value: Any) -> Any:
@@ -139,27 +155,28 @@ class Emitter:
         return self.call(aten.clone.default, x, memory_format=torch.contiguous_format)
 
     def is_contiguous(self, x: Node) -> bool:
-        return bool(self._value(x).is_contiguous())
+        return known_contiguous(self._value(x))
 
-    def reshape(self, x: Node, shape: Sequence[int], like: Node | None = None) -> Node:
+    def reshape(self, x: Node, shape: Sequence[Size], like: Node | None = None) -> Node:
         """A view where the strides allow one, else a copy; `like` keeps the original op's kind."""
-        shape = [int(s) for s in shape]
+        shape = [size(s) for s in shape]
+        args = self.size_args(shape)
         if self.dialect == "torch":
-            return self.method("reshape", x, shape)
+            return self.method("reshape", x, args)
         if like is not None and like.target is aten.reshape.default:
-            return self.call(aten.reshape.default, x, shape)  # graphs that keep reshape (export) get it back
+            return self.call(aten.reshape.default, x, args)  # graphs that keep reshape (export) get it back
         val = self._value(x)
-        if not viewable(tuple(val.shape), tuple(val.stride()), shape):
-            return self.call(aten._unsafe_view.default, self.contiguous(x), shape)
+        if not viewable(tuple(size(s) for s in val.shape), tuple(size(s) for s in val.stride()), shape):
+            return self.call(aten._unsafe_view.default, self.contiguous(x), args)
         target = aten._unsafe_view.default if like is not None and like.target is aten._unsafe_view.default \
             else aten.view.default
-        return self.call(target, x, shape)
+        return self.call(target, x, args)
 
-    def expand(self, x: Node, shape: Sequence[int]) -> Node:
-        shape = [int(s) for s in shape]
+    def expand(self, x: Node, shape: Sequence[Size]) -> Node:
+        args = self.size_args(shape)
         if self.dialect == "torch":
-            return self.method("expand", x, shape)
-        return self.call(aten.expand.default, x, shape)
+            return self.method("expand", x, args)
+        return self.call(aten.expand.default, x, args)
 
     def cat(self, xs: Sequence[Node], dim: int) -> Node:
         if self.dialect == "torch":
@@ -170,14 +187,80 @@ class Emitter:
         """`x` with the strides of `like` (same shape): saved tensors must keep the layout the
         backward graph was compiled for. Dynamo graphs are retraced, so there it is a no-op."""
         have, want = self._value(x), self._value(like)
-        if self.dialect == "torch" or tuple(have.stride()) == tuple(want.stride()):
+        if self.dialect == "torch" or all(map(same, map(size, have.stride()), map(size, want.stride()))):
             return x
-        empty = self.call(aten.empty_strided.default, list(want.shape), list(want.stride()), dtype=want.dtype,
-                          device=want.device)
+        empty = self.call(aten.empty_strided.default, self.size_args(want.shape), self.size_args(want.stride()),
+                          dtype=want.dtype, device=want.device)
         return self.call(aten.copy.default, empty, x)
 
+    # -- symbolic size arguments ---------------------------------------------------------------
+    def size_args(self, shape: Sequence[Size]) -> list[int | Node]:
+        return [self.size_arg(s) for s in shape]
+
+    def size_arg(self, value: Size) -> int | Node:
+        """An int, or a node before the anchor that computes the symbolic size `value`."""
+        value = size(value)
+        return self._build(value.node.expr) if is_symbolic(value) else value
+
+    def _known_sizes(self) -> dict[sympy.Expr, Node]:
+        """SymInt values, and tensors' symbolic dims, of the nodes before the anchor (found once)."""
+        if self._sizes is None:
+            self._sizes = {}
+            for node in self.graph.nodes:
+                if node is self.anchor:
+                    break
+                val = node.meta.get(self.key)
+                if isinstance(val, torch.SymInt) and is_symbolic(val):
+                    self._sizes.setdefault(val.node.expr, node)
+                elif isinstance(val, torch.Tensor):
+                    for dim, n in enumerate(val.shape):
+                        if is_symbolic(n):
+                            self._dims.setdefault(n.node.expr, (node, dim))
+        return self._sizes
+
+    def _build(self, expr: sympy.Expr) -> int | Node:
+        if expr.is_Integer:
+            return int(expr)
+        known_sizes = self._known_sizes()
+        if expr in known_sizes:
+            return known_sizes[expr]
+        if expr in self._dims:
+            tensor, dim = self._dims[expr]
+            node = self._size_node("size", tensor, dim) if self.dialect == "torch" else \
+                self._size_node(aten.sym_size.int, tensor, dim)
+        elif isinstance(expr, (sympy.Mul, sympy.Add)):
+            combine = operator.mul if isinstance(expr, sympy.Mul) else operator.add
+            parts = [self._build(arg) for arg in expr.args]
+            node = parts[0]
+            for part in parts[1:]:
+                node = self._size_node(combine, node, part)
+        elif isinstance(expr, FloorDiv):
+            node = self._size_node(operator.floordiv, *(self._build(arg) for arg in expr.args))
+        else:
+            raise EmitError(f"cannot express the symbolic size {expr} with values of the graph")
+        known_sizes[expr] = node
+        return node
+
+    def _size_node(self, target: Any, *args: Any) -> Node:
+        with self.graph.inserting_before(self.anchor):
+            if isinstance(target, str):
+                node = self.graph.call_method(target, args)
+            else:
+                node = self.graph.call_function(target, args)
+        values = map_arg(args, self._value)
+        try:
+            with self.mode:
+                val = getattr(values[0], target)(*values[1:]) if isinstance(target, str) else target(*values)
+        except Exception as err:  # noqa: BLE001 - any failure means the size cannot be built here
+            self.graph.erase_node(node)
+            raise EmitError(f"{node.format_node()}: {err}") from err
+        node.meta[self.key] = val
+        self.size_nodes.append(node)
+        return node
+
     def rollback(self) -> None:
-        for node in reversed(self.created):
+        for node in [*reversed(self.created), *reversed(self.size_nodes)]:
             if not node.users:
                 self.graph.erase_node(node)
         self.created.clear()
+        self.size_nodes.clear()

@@ -52,7 +52,7 @@ import torch
 from torch.fx import Graph, Node
 
 from . import layout as L
-from .layout import Atom, AtomSpace, Layout, LayoutError
+from .layout import Atom, AtomSpace, Layout, LayoutError, SymbolicLayoutError
 from .ops import (
     EXPAND,
     IDENTITY,
@@ -78,6 +78,7 @@ from .ops import (
     target_name,
     unbind_item,
 )
+from .symbolic import SYMBOLIC, Size, divides, is_symbolic, same, size
 
 # parameters and outputs indexed by KV head: fewer of them under grouped-query attention
 KV = ("key", "value")
@@ -178,8 +179,8 @@ def value_of(node: Node) -> Any:
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-def shape_of(node: Node) -> tuple[int, ...]:
-    """The static shape recorded by the tracer; NoMatch when absent or symbolic."""
+def shape_of(node: Node) -> tuple[Size, ...]:
+    """The shape recorded by the tracer: ints, and SymInts for dynamic dims; NoMatch when absent."""
     val = value_of(node)
     shape = getattr(val, "shape", None)
     if shape is None:
@@ -187,9 +188,16 @@ def shape_of(node: Node) -> tuple[int, ...]:
         shape = getattr(tm, "shape", None)
     if shape is None:
         raise NoMatch(f"{node.name} has no shape metadata (trace with make_fx, export or Dynamo)")
-    if not all(isinstance(s, int) for s in shape):
-        raise NoMatch(f"{node.name} has a symbolic shape {tuple(shape)}")
-    return tuple(int(s) for s in shape)
+    return tuple(size(s) for s in shape)
+
+
+def head_count(node: Node, axis: int, name: str) -> int:
+    """The (static) number of heads of `node` on `axis`: a symbolic head count cannot be chunked."""
+    n = shape_of(node)[axis]
+    if is_symbolic(n):
+        raise NoMatch(f"{SYMBOLIC}{name} has a symbolic head count {n}: chunks are cut from a static number of "
+                      "heads (mark only the sequence and batch dims dynamic, or reshape heads with constants)")
+    return n
 
 
 def world_size_of(group: Any) -> int:
@@ -260,7 +268,8 @@ class _Matcher:
         except NoMatch as err:
             return Skip(self.index, self.attention, self.op.kernel, str(err), self.world_size, self.local_heads)
         except LayoutError as err:
-            return Skip(self.index, self.attention, self.op.kernel, f"layout not understood: {err}",
+            prefix = SYMBOLIC if isinstance(err, SymbolicLayoutError) else ""
+            return Skip(self.index, self.attention, self.op.kernel, f"{prefix}layout not understood: {err}",
                         self.world_size, self.local_heads)
 
     # -- step 2 --------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ class _Matcher:
         for name, node in heads.items():
             if not isinstance(node, Node):
                 raise NoMatch(f"{name} is not a tensor in the graph")
-        counts = {name: shape_of(node)[self.op.head_params[name]] for name, node in heads.items()}
+        counts = {name: head_count(node, self.op.head_params[name], name) for name, node in heads.items()}
         q_heads = counts["query"]
         kv = {name: n for name, n in counts.items() if name in KV}
         if any(n != q_heads for n in kv.values()):
@@ -297,7 +306,8 @@ class _Matcher:
         if others:
             raise NoMatch(f"per-head inputs disagree on the head count {counts}")
         lead = {name: shape_of(n)[:-3] for name, n in heads.items() if self.op.head_params[name] == -3}
-        if len(set(lead.values())) != 1:
+        first = next(iter(lead.values()))
+        if any(len(dims) != len(first) or not all(map(same, dims, first)) for dims in lead.values()):
             raise NoMatch(f"batch dims differ {lead}: broadcast is not chunked yet")
         self.local_heads = q_heads
         self._add_mask(args, heads)
@@ -313,8 +323,11 @@ class _Matcher:
         if not isinstance(mask, Node):
             raise NoMatch(f"{name} is not a tensor in the graph")
         shape = shape_of(mask)
-        if len(shape) < 3 or shape[-3] == 1:
+        if len(shape) < 3 or same(shape[-3], 1):
             return
+        if is_symbolic(shape[-3]):
+            raise NoMatch(f"{SYMBOLIC}{name} has a symbolic head dim {shape[-3]}: cannot tell a per-head mask "
+                          "from a broadcast one")
         if shape[-3] != self.local_heads:
             raise NoMatch(f"{name} has {shape[-3]} heads but the site has {self.local_heads} local heads")
         heads[name] = mask
@@ -722,17 +735,24 @@ def _reachable(node: Node, limit: int = 64) -> list[Node]:
     return seen
 
 
-def _check_equal_splits(args: Any, shape: tuple[int, ...], world: int) -> None:
+def _check_equal_splits(args: Any, shape: tuple[Size, ...], world: int) -> None:
     rows = shape[0] if shape else 0
-    if rows % world:
+    if not divides(world, rows):
         raise NoMatch(f"all-to-all dim 0 of size {rows} is not divisible by {world} ranks")
     for splits in (args.output_splits, args.input_splits):
         if splits is None or (isinstance(splits, (list, tuple)) and len(splits) == 0):
             continue
-        if not isinstance(splits, (list, tuple)) or any(not isinstance(s, int) for s in splits):
-            raise NoMatch(f"all-to-all split sizes {splits!r} are not static")
-        if list(splits) != [rows // world] * world:
-            raise NoMatch(f"uneven all-to-all split sizes {list(splits)} are not chunked yet")
+        if not isinstance(splits, (list, tuple)):
+            raise NoMatch(f"all-to-all split sizes {splits!r} are not a list")
+        # a symbolic split size is a node of the graph (ATen) or a SymInt (Dynamo)
+        values = [value_of(s) if isinstance(s, Node) else s for s in splits]
+        if any(not isinstance(v, (int, torch.SymInt)) or isinstance(v, bool) for v in values):
+            raise NoMatch(f"all-to-all split sizes {splits!r} are not sizes")
+        if len(values) != world or not all(same(size(v), size(rows // world)) for v in values):
+            shown = [size(v) for v in values]
+            if any(is_symbolic(v) for v in (*shown, rows)):
+                raise NoMatch(f"{SYMBOLIC}all-to-all split sizes {shown} cannot be proven equal to {rows}/{world}")
+            raise NoMatch(f"uneven all-to-all split sizes {shown} are not chunked yet")
 
 
 def _position(graph: torch.fx.Graph) -> Callable[[Node], int]:

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 
 from torch.fx import Graph, Node
 
+from . import symbolic
 from .emit import Emitter
 from .layout import Atom, Layout
 from .match import Escape, InputExchange, Site, shape_of
@@ -89,7 +90,8 @@ class _SiteWriter:
     def exchange(self, send: Node, original: Node, override: dict[Atom, int], layout: Layout) -> Node:
         args = exchange_args(original)
         rows = self.atoms.shape(layout, override)[0]
-        splits = [rows // self.site.world_size] * self.site.world_size
+        # a symbolic row count (a flattened buffer holding the sequence) gives split sizes as nodes
+        splits = self.emit.size_args([symbolic.size(rows // self.site.world_size)] * self.site.world_size)
         out_splits = splits if args.output_splits else args.output_splits
         in_splits = splits if args.input_splits else args.input_splits
         return self.emit.call(original.target, send, out_splits, in_splits, args.group)
