@@ -17,6 +17,7 @@ from .passes.exactness import exactness_policy
 from .passes.match import match_again, value_of
 from .passes.plan import AUTO
 from .passes.profiles import DeviceProfile
+from .passes.symbolic import SYMBOLIC
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
 
 log = logging.getLogger("hcms_compile")
@@ -73,7 +74,17 @@ def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = AUTO, exact: boo
         graph.lint()
     for report in reports:
         log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
+    _warn_symbolic(reports)
     return reports
+
+
+def _warn_symbolic(reports: list[SiteReport]) -> None:
+    """One warning per graph for the sites dynamic shapes kept plain: a dynamic compile otherwise
+    loses the overlap silently (the table is only printed on request)."""
+    skipped = [r for r in reports if not r.rewritten and r.reason.startswith(SYMBOLIC)]
+    if skipped:
+        sites = "; ".join(f"site {r.index} ({r.attention}): {r.reason[len(SYMBOLIC):]}" for r in skipped)
+        log.warning("hcms: %d site(s) left unchunked because of symbolic shapes: %s", len(skipped), sites)
 
 
 def _check_args(chunks: object, exact: object) -> tuple[ChunkSpec, str]:

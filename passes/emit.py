@@ -16,8 +16,9 @@ Symbolic sizes (a dynamic sequence length): a size argument that is a SymInt bec
 computes it, never a constant, so the graph stays valid for every value (`size_arg`). It is an
 existing node of that value before the anchor (a SymInt placeholder, a `floordiv` Dynamo traced),
 else `sym_size` of a tensor before the anchor that has that size, else products, sums and floor
-divisions of those. These size nodes stay before the anchor, outside the pipeline stages, so every
-chunk can use them; a size that cannot be built is an `EmitError`.
+divisions of those; never from a node in `avoid` (the site being replaced) or computed from one.
+These size nodes stay before the anchor, outside the pipeline stages, so every chunk can use them;
+a size that cannot be built is an `EmitError`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -83,6 +85,14 @@ def viewable(shape: Sequence[Size], stride: Sequence[Size], new_shape: Sequence[
     return view_d == -1
 
 
+@dataclass(frozen=True)
+class _Sizes:
+    """Where symbolic sizes can be read before one insertion point."""
+
+    values: dict[sympy.Expr, Node]  # nodes whose value is the size
+    dims: dict[sympy.Expr, tuple[Node, int]]  # (tensor, dim) of that size
+
+
 class Emitter:
     def __init__(self, graph: Graph, anchor: Node) -> None:
         self.graph = graph
@@ -92,8 +102,8 @@ class Emitter:
         self.mode = _fake_mode(graph, self.key)
         self.created: list[Node] = []
         self.size_nodes: list[Node] = []  # symbolic size arguments, outside the pipeline stages
-        self._sizes: dict[sympy.Expr, Node] | None = None
-        self._dims: dict[sympy.Expr, tuple[Node, int]] = {}
+        self._sizes: dict[Node, _Sizes] = {}  # per insertion point
+        self.avoid: set[Node] = set()  # nodes a size must not be read from: they are about to go
 
     # -- fake values ---------------------------------------------------------------------------
     def _fake(self, value: Any) -> Any:
@@ -197,52 +207,58 @@ class Emitter:
     def size_args(self, shape: Sequence[Size]) -> list[int | Node]:
         return [self.size_arg(s) for s in shape]
 
-    def size_arg(self, value: Size) -> int | Node:
-        """An int, or a node before the anchor that computes the symbolic size `value`."""
+    def size_arg(self, value: Size, before: Node | None = None) -> int | Node:
+        """An int, or a node that computes the symbolic size `value`, placed before `before` (by
+        default the anchor) and built from nodes before it."""
         value = size(value)
-        return self._build(value.node.expr) if is_symbolic(value) else value
+        if not is_symbolic(value):
+            return value
+        return self._build(value.node.expr, self.anchor if before is None else before)
 
-    def _known_sizes(self) -> dict[sympy.Expr, Node]:
-        """SymInt values, and tensors' symbolic dims, of the nodes before the anchor (found once)."""
-        if self._sizes is None:
-            self._sizes = {}
+    def _known_sizes(self, before: Node) -> _Sizes:
+        """SymInt values, and tensors' symbolic dims, of the nodes before `before` (found once)."""
+        if before not in self._sizes:
+            known = self._sizes[before] = _Sizes({}, {})
+            tainted = set(self.avoid)
             for node in self.graph.nodes:
-                if node is self.anchor:
+                if node is before:
                     break
+                if node in tainted or any(arg in tainted for arg in node.all_input_nodes):
+                    tainted.add(node)
+                    continue
                 val = node.meta.get(self.key)
                 if isinstance(val, torch.SymInt) and is_symbolic(val):
-                    self._sizes.setdefault(val.node.expr, node)
+                    known.values.setdefault(val.node.expr, node)
                 elif isinstance(val, torch.Tensor):
                     for dim, n in enumerate(val.shape):
                         if is_symbolic(n):
-                            self._dims.setdefault(n.node.expr, (node, dim))
-        return self._sizes
+                            known.dims.setdefault(n.node.expr, (node, dim))
+        return self._sizes[before]
 
-    def _build(self, expr: sympy.Expr) -> int | Node:
+    def _build(self, expr: sympy.Expr, before: Node) -> int | Node:
         if expr.is_Integer:
             return int(expr)
-        known_sizes = self._known_sizes()
-        if expr in known_sizes:
-            return known_sizes[expr]
-        if expr in self._dims:
-            tensor, dim = self._dims[expr]
-            node = self._size_node("size", tensor, dim) if self.dialect == "torch" else \
-                self._size_node(aten.sym_size.int, tensor, dim)
+        known = self._known_sizes(before)
+        if expr in known.values:
+            return known.values[expr]
+        if expr in known.dims:
+            tensor, dim = known.dims[expr]
+            node = self._size_node(before, "size" if self.dialect == "torch" else aten.sym_size.int, tensor, dim)
         elif isinstance(expr, (sympy.Mul, sympy.Add)):
             combine = operator.mul if isinstance(expr, sympy.Mul) else operator.add
-            parts = [self._build(arg) for arg in expr.args]
+            parts = [self._build(arg, before) for arg in expr.args]
             node = parts[0]
             for part in parts[1:]:
-                node = self._size_node(combine, node, part)
+                node = self._size_node(before, combine, node, part)
         elif isinstance(expr, FloorDiv):
-            node = self._size_node(operator.floordiv, *(self._build(arg) for arg in expr.args))
+            node = self._size_node(before, operator.floordiv, *(self._build(arg, before) for arg in expr.args))
         else:
             raise EmitError(f"cannot express the symbolic size {expr} with values of the graph")
-        known_sizes[expr] = node
+        known.values[expr] = node
         return node
 
-    def _size_node(self, target: Any, *args: Any) -> Node:
-        with self.graph.inserting_before(self.anchor):
+    def _size_node(self, before: Node, target: Any, *args: Any) -> Node:
+        with self.graph.inserting_before(before):
             if isinstance(target, str):
                 node = self.graph.call_method(target, args)
             else:
@@ -257,6 +273,11 @@ class Emitter:
         node.meta[self.key] = val
         self.size_nodes.append(node)
         return node
+
+    def drop_unused_sizes(self) -> None:
+        for node in reversed(self.size_nodes):
+            if not node.users:
+                self.graph.erase_node(node)
 
     def rollback(self) -> None:
         for node in [*reversed(self.created), *reversed(self.size_nodes)]:

@@ -78,7 +78,7 @@ from .ops import (
     target_name,
     unbind_item,
 )
-from .symbolic import SYMBOLIC, Size, divides, is_symbolic, same, size
+from .symbolic import SYMBOLIC, Size, divides, is_size_query, is_symbolic, same, size
 
 # parameters and outputs indexed by KV head: fewer of them under grouped-query attention
 KV = ("key", "value")
@@ -521,7 +521,7 @@ class _Matcher:
         allowed = set(receive) | fills | {self.attention}
         terminals = {heads[name] for name in feeds}  # the attention's own inputs may escape
         for node in {wait, *receive} - terminals:
-            outside = [u.name for u in node.users if u not in allowed]
+            outside = [u.name for u in node.users if u not in allowed and not is_size_query(u)]
             if outside:
                 raise NoMatch(f"{node.name} (between {a2a.name} and attention) is also used by {outside}")
         for node in receive:
@@ -602,7 +602,7 @@ class _Matcher:
             inside = set(ex.receive) | {self.attention}
             for name in ex.feeds:
                 node = heads[name]
-                users = tuple(u for u in node.users if u not in inside)
+                users = tuple(u for u in node.users if u not in inside and not is_size_query(u))
                 if users and node not in escapes:
                     escapes[node] = Escape(node, len(shape_of(node)) - 3, users, None)
         return tuple(escapes.values())
@@ -621,6 +621,8 @@ class _Matcher:
             axis = self.op.head_outputs[index] % len(shape_of(source))
             outside: list[Node] = []
             for user in source.users:
+                if is_size_query(user):
+                    continue  # recomputed by the rewrite from tensors outside the site
                 if inplace_fill(user) is not None:
                     continue  # the buffer an in-place exchange fills; the exchange owns it
                 found = self._output_exchange(index, source, user, first, heads, group, world)
@@ -685,7 +687,7 @@ class _Matcher:
                 return None
             self.layouts[user] = self._follow(user)
             path.append(user)
-            onward = [u for u in user.users if inplace_fill(u) is None]
+            onward = [u for u in user.users if inplace_fill(u) is None and not is_size_query(u)]
             if len(onward) != 1:
                 if any(is_all_to_all(u) for u in _reachable(user)):
                     raise NoMatch(f"the path from attention output {index} to an all-to-all branches at "

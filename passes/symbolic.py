@@ -11,6 +11,9 @@ Terms
   reads hints; nothing that decides correctness does.
 - range: the lowest and highest value the shape environment allows a size (Dynamo's dynamic dims
   start at 2; `torch._dynamo.mark_dynamic(x, dim, min=..., max=...)` narrows them).
+- size query: a node that reads a tensor's size and nothing else (`aten.sym_size.int`, `x.size(d)`);
+  make_fx and export graphs compute their symbolic sizes so. It is not a use of the tensor's values:
+  the matcher ignores it, and the rewrite recomputes it from tensors outside the site.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import sympy
 import torch
+from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 Size = int | torch.SymInt
@@ -114,3 +118,15 @@ def known_contiguous(value: torch.Tensor) -> bool:
             return False
         expected = expected * dim
     return True
+
+
+_SIZE_QUERIES = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+                 torch.ops.aten.sym_storage_offset.default}
+_SIZE_METHODS = {"size", "stride", "numel", "dim", "storage_offset"}
+
+
+def is_size_query(node: Node) -> bool:
+    """Whether `node` only reads its tensor argument's size (see the module docstring)."""
+    if node.op == "call_method":
+        return str(node.target) in _SIZE_METHODS
+    return node.op == "call_function" and node.target in _SIZE_QUERIES
