@@ -214,18 +214,20 @@ class _SiteWriter:
         _erase_site(graph, site)
         self.emit.drop_unused_sizes()
 
-    def size_queries(self) -> dict[Node, int | Node]:
+    def size_queries(self) -> dict[Node, int | Node | tuple[int | Node, ...]]:
         """Each size read from a node of the site (make_fx's `sym_size`), as a size computed from
         nodes outside it, so that the site can be erased."""
         site_nodes = set(_site_nodes(self.site))
         order = {node: i for i, node in enumerate(self.emit.graph.nodes)}
         anchor = order[self.site.attention]
-        sizes: dict[Node, int | Node] = {}
+        sizes: dict[Node, int | Node | tuple[int | Node, ...]] = {}
         for node in site_nodes:
             for query in (u for u in node.users if is_size_query(u)):
                 # a size used before the attention (a split size, say) is rebuilt where it was read
-                early = any(u not in site_nodes and order[u] < anchor for u in query.users)
-                sizes[query] = self.emit.size_arg(value_of(query), before=query if early else None)
+                before = query if any(u not in site_nodes and order[u] < anchor for u in query.users) else None
+                value = value_of(query)
+                sizes[query] = tuple(self.emit.size_arg(v, before) for v in value) if isinstance(
+                    value, (tuple, list)) else self.emit.size_arg(value, before)  # x.size(): all dims
         return sizes
 
 

@@ -37,11 +37,12 @@ def _attention(group, layout: str = "funcol"):
     def fn(q, k, v):
         b, s, _ = q.shape
         q, k, v = (t.view(b, s, H, D) for t in (q, k, v))
-        if lay.head_dim == 1:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        swap = (0, 1) if lay.seq_dim == 0 else (1, 2) if lay.head_dim == 1 else None  # as models.UlyssesBlock
+        if swap:
+            q, k, v = (t.transpose(*swap) for t in (q, k, v))
         out = lay.fn(q, k, v, group, is_causal=True)
-        if lay.head_dim == 1:
-            out = out.transpose(1, 2)
+        if swap:
+            out = out.transpose(*swap)
         return out.reshape(b, s, H * D)
 
     return fn
@@ -127,13 +128,15 @@ def _symbolic_graph(report: GraphReport) -> bool:
                if n.op == "placeholder")
 
 
-@pytest.mark.parametrize("dynamic, lengths, min_length", [
-    (True, (16,), None),  # symbolic from the start
-    (None, (16, 24), None),  # automatic dynamic: the second length recompiles with a symbolic S
-    (None, (16,), 16),  # mark_dynamic with a minimum length
+@pytest.mark.parametrize("dynamic, lengths, min_length, layout", [
+    (True, (16,), None, "funcol"),  # symbolic from the start (batch too)
+    (True, (16,), None, "diffusers"),  # flattened exchange buffers: a symbolic dim 0
+    (True, (16,), None, "deepspeed_sf"),  # sequence-first
+    (None, (16, 24), None, "funcol"),  # automatic dynamic: the second length recompiles with a symbolic S
+    (None, (16,), 16, "funcol"),  # mark_dynamic with a minimum length
 ])
-def test_one_symbolic_artifact_is_bitwise_over_lengths(fake_group, dynamic, lengths, min_length):
-    fn = _attention(fake_group(WORLD))
+def test_one_symbolic_artifact_is_bitwise_over_lengths(fake_group, dynamic, lengths, min_length, layout):
+    fn = _attention(fake_group(WORLD), layout)
     hcms, compiles = _compile(fn, lengths, hcms_compile.make_backend(chunks=2, inner="aot_eager", exact="rounding"),
                               dynamic, min_length=min_length)
     with hcms_disabled():
@@ -279,3 +282,79 @@ def test_inductor_dynamic_artifact_is_bitwise_over_gloo(tmp_path):
         for s, want, got in zip(LENGTHS, plain_values, hcms_values, strict=True):
             for i, (w, g) in enumerate(zip(want, got, strict=True)):
                 assert torch.equal(w, g), f"S/P={s}, rank {rank}, value {i}"
+
+
+@pytest.mark.parametrize("layout", ["funcol", "diffusers", "xdit"])
+def test_export_with_dynamic_shapes_is_rewritten_and_bitwise(fake_group, layout):
+    from hcms_compile.testing.tracing import _Wrap
+
+    fn = _attention(fake_group(WORLD), layout)
+    batch, tokens = torch.export.Dim("batch", min=2, max=64), torch.export.Dim("tokens", min=2, max=4096)
+    exported = torch.export.export(_Wrap(fn), tuple(torch.randn(2, 16, H * D) for _ in range(3)),
+                                   dynamic_shapes=(tuple({0: batch, 1: tokens} for _ in range(3)),), strict=False)
+    gm = exported.module()
+    result = hcms_compile.rewrite(gm, chunks=2, exact="rounding")
+    assert [s.status for s in result.sites] == ["rewritten"], result
+    for b, s in ((2, 16), (3, 24), (2, 40)):
+        inputs = [ranks.shard(torch.randn(b, s * WORLD, H * D), 1, WORLD) for _ in range(3)]
+        want = ranks.run_on_ranks(gm, inputs, WORLD)
+        got = ranks.run_on_ranks(result.graph_module, inputs, WORLD)
+        assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True)), f"B={b}, S/P={s}"
+
+
+# -- the exactness verdict over the lengths a symbolic S may take --------------------------------------
+
+
+def _symbolic_tokens(hint: int, minimum: int | None = None) -> torch.SymInt:
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    symbol = env.create_symbol(hint, ConstantSource("tokens"), dynamic_dim=DimDynamic.DYNAMIC)
+    s = env.create_symintnode(symbol, hint=hint)
+    if minimum is not None:
+        torch._check(s >= minimum)  # what mark_dynamic(min=...) tells the shape environment
+    return s
+
+
+def _stand_in(*shape, device="cpu", dtype=torch.float32):
+    # judge reads only shape, dtype and device
+    from types import SimpleNamespace
+
+    return SimpleNamespace(shape=shape, dtype=dtype, device=torch.device(device))
+
+
+def test_cpu_verdict_names_the_shortest_length_that_breaks_bits():
+    from hcms_compile.passes.exactness import judge
+
+    s = _symbolic_tokens(64)
+    q = _stand_in(1, 4, 2 * s, 8)  # the attention sees P x the local tokens: S >= 4
+    verdict = judge("flash_cpu", q, q, (2, 2))
+    assert verdict.grade == "rounding" and verdict.symbolic
+    assert "S_q=4" in verdict.why
+    long = _stand_in(1, 4, 2 * _symbolic_tokens(64, minimum=16), 8)
+    verdict = judge("flash_cpu", long, long, (2, 2))
+    assert verdict.grade == "bitwise" and "for every S_q >= 32" in verdict.why
+
+
+def test_cpu_backward_verdict_reads_the_smallest_batch():
+    from hcms_compile.passes.exactness import judge
+
+    batch = _symbolic_tokens(4)  # Dynamo's dynamic dims start at 2: 2 x 1 head is still parallel
+    q = _stand_in(batch, 2, 64, 8)
+    assert judge("flash_cpu", q, q, (1, 1), backward=True).grade == "bitwise"
+
+
+def test_cuda_flash_verdict_walks_until_the_chunks_fill_the_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from hcms_compile.passes.exactness import judge
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    # 20 heads in 10+10: from 1345 query tokens (22 blocks of 64) on, a chunk's 10 x 22 items fill 80% of
+    # 2 x 132 slots, so the whole call and every chunk run one split; at 1344 a chunk has 210 < 211.2
+    for minimum, grade in ((None, "rounding"), (1344, "rounding"), (1345, "bitwise")):
+        q = _stand_in(1, 20, _symbolic_tokens(8192, minimum), 128, device="cuda", dtype=torch.bfloat16)
+        verdict = judge("flash", q, q, (10, 10))
+        assert verdict.grade == grade and verdict.symbolic, (minimum, verdict.why)
+        assert minimum != 1344 or "S_q=1344" in verdict.why
