@@ -358,3 +358,44 @@ def test_cuda_flash_verdict_walks_until_the_chunks_fill_the_gpu(monkeypatch):
         verdict = judge("flash", q, q, (10, 10))
         assert verdict.grade == grade and verdict.symbolic, (minimum, verdict.why)
         assert minimum != 1344 or "S_q=1344" in verdict.why
+
+
+def _explicit_splits(group):
+    """A flattened exchange with its split sizes written out: symbolic once S is."""
+    import torch.distributed._functional_collectives as funcol
+    import torch.nn.functional as F
+
+    def a2a(x):
+        n = x.numel() // WORLD
+        return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.flatten(), [n] * WORLD, [n] * WORLD,
+                                                                    group)).reshape(x.shape)
+
+    def fn(q, k, v):
+        b, s, _ = q.shape
+        p = WORLD
+
+        def scatter_heads(x):
+            send = x.view(b, s, p, H // p, D).permute(2, 0, 1, 3, 4).contiguous()
+            return a2a(send).permute(1, 3, 0, 2, 4).reshape(b, H // p, p * s, D)
+
+        o = F.scaled_dot_product_attention(*map(scatter_heads, (q, k, v)), is_causal=True)
+        send = o.reshape(b, H // p, p, s, D).permute(2, 0, 3, 1, 4).contiguous()
+        return a2a(send).permute(1, 2, 0, 3, 4).reshape(b, s, H * D)
+
+    return fn
+
+
+def test_symbolic_split_sizes_are_rebuilt_per_chunk(fake_group):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fn = _explicit_splits(fake_group(WORLD))
+    gm = make_fx(fn, tracing_mode="symbolic")(*[torch.randn(2, 16, H * D) for _ in range(3)])
+    result = hcms_compile.rewrite(gm, chunks=2, exact="rounding")
+    assert [s.status for s in result.sites] == ["rewritten"], result
+    splits = [n.args[1] for n in result.graph_module.graph.nodes if "all_to_all" in n.name]
+    assert len(splits) == 8 and all(isinstance(x, torch.fx.Node) for s in splits for x in s)
+    hcms, _ = _compile(fn, (16,), hcms_compile.make_backend(chunks=2, inner="aot_eager", exact="rounding"), True)
+    with hcms_disabled():
+        plain, _ = _compile(fn, (16,), hcms_compile.make_backend(chunks=2, inner="aot_eager"), True)
+    assert _statuses(hcms)["forward"] == ["rewritten"]
+    _assert_bitwise_at(hcms, plain, LENGTHS)
