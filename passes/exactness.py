@@ -46,9 +46,10 @@ Symbolic sizes (a dynamic sequence length): one compiled artifact runs every len
 environment allows, so a chunking is graded by the worst length. Rules 1 and 2 read S, and each stops
 changing once S is large enough (CPU flash: S_q >= 768 and S_kv >= 512; CUDA flash: the smallest
 chunk fills the SMs). `judge` walks the symbol's values from its lowest (Dynamo's dynamic dims start
-at 2; `mark_dynamic(x, dim, min=...)` raises that) up to that point and grades by the first length
-that breaks bits, naming it. Sizes must grow with the symbol (products, sums and floor divisions of
-it). Two or more symbols among the sizes a rule reads are not walked: that verdict is "rounding". The
+at 2; `mark_dynamic(x, dim, min=...)` raises that) up to that point and gives the worst grade of
+those lengths, naming the first length that changes bits. Sizes must grow with the symbol (products,
+sums and floor divisions of it). Two or more symbols among the sizes a rule reads are not walked:
+that verdict is "rounding", except on CPU from 32 query tokens on, where no length changes bits. The
 CPU rules read the batch only as batch x heads >= 2, which the smallest batch decides.
 """
 
@@ -69,6 +70,7 @@ BITWISE = "bitwise"
 RUN_TO_RUN = "run-to-run"
 ROUNDING = "rounding"
 _POLICIES = {True: BITWISE, False: RUN_TO_RUN, BITWISE: BITWISE, RUN_TO_RUN: RUN_TO_RUN, ROUNDING: ROUNDING}
+_ORDER = (BITWISE, RUN_TO_RUN, ROUNDING)  # from closest to the unchunked kernel
 _ACCEPTS = {BITWISE: {BITWISE}, RUN_TO_RUN: {BITWISE, RUN_TO_RUN}, ROUNDING: {BITWISE, RUN_TO_RUN, ROUNDING}}
 
 
@@ -239,23 +241,25 @@ def _judge_symbolic(kernel: str, q: Any, k: Any, chunk_heads: tuple[int, ...], b
         return Exactness(ROUNDING, f"{kernel} chunking: sizes {exprs} do not grow with {symbol}, so the lengths "
                                    "that keep bits cannot be walked", symbolic=True)
     low, high = _symbol_range(symbol, next(n for n in reads if is_symbolic(n)))
-    value = low
+    span = f"{symbol} in {low}.." + ("" if high == math.inf else str(high))
+    worst, where, value = None, "", low
     for _ in range(MAX_WALK):
         at = {symbol: value}
         qv, kv = _at(q, q_shape, at), _at(k, k_shape, at)
         verdict = _judge(kernel, qv, kv, chunk_heads, backward)
-        if verdict.grade != BITWISE:
-            where = f"{symbol}={value} (S_q={qv.shape[-2]}, S_kv={kv.shape[-2]})"
-            return Exactness(verdict.grade, f"{verdict.why}, at {where}, which this dynamic artifact accepts "
-                                            f"({symbol} >= {low}); raise the dim's minimum with "
-                                            "torch._dynamo.mark_dynamic(x, dim, min=...)", symbolic=True)
-        if saturated(qv, kv) or value + 1 > high:
-            span = f"{low}.." + ("" if high == math.inf else str(high))
-            return Exactness(BITWISE, f"{verdict.why}, for every {symbol} in {span} (checked to {value})",
-                             symbolic=True)
+        if worst is None or _ORDER.index(verdict.grade) > _ORDER.index(worst.grade):
+            worst, where = verdict, f"{symbol}={value} (S_q={qv.shape[-2]}, S_kv={kv.shape[-2]})"
+        if worst.grade == ROUNDING or saturated(qv, kv) or value + 1 > high:
+            break
         value += 1
-    return Exactness(ROUNDING, f"{kernel} chunking: walked {MAX_WALK} values of {symbol} from {low} without "
-                               "reaching lengths where bits stop depending on it", symbolic=True)
+    else:
+        return Exactness(ROUNDING, f"{kernel} chunking: walked {MAX_WALK} values of {symbol} from {low} without "
+                                   "reaching lengths where bits stop depending on it", symbolic=True)
+    if worst.grade == ROUNDING:
+        return Exactness(ROUNDING, f"{worst.why}, at {where}, which this dynamic artifact accepts ({symbol} >= {low}); "
+                                   "raise the dim's minimum with torch._dynamo.mark_dynamic(x, dim, min=...)",
+                         symbolic=True)
+    return Exactness(worst.grade, f"{worst.why}, for every {span} (checked to {value})", symbolic=True)
 
 
 def _symbol_range(symbol: sympy.Symbol, carrier: Any) -> tuple[int, float]:

@@ -358,6 +358,9 @@ def test_cuda_flash_verdict_walks_until_the_chunks_fill_the_gpu(monkeypatch):
         verdict = judge("flash", q, q, (10, 10))
         assert verdict.grade == grade and verdict.symbolic, (minimum, verdict.why)
         assert minimum != 1344 or "S_q=1344" in verdict.why
+        # the backward keeps the forward's split schedule only where every length keeps it
+        backward = judge("flash", q, q, (10, 10), backward=True).grade
+        assert backward == ("run-to-run" if grade == "bitwise" else "rounding")
 
 
 def _explicit_splits(group):
