@@ -30,7 +30,8 @@ Steps of `match_sites(graph)`:
    a per-head mask is a local input.
 3. Walk back from each per-head input through layout ops to a wait and its all-to-all (or call it
    local), and from each all-to-all's input to its root. Check each receive node is used only on
-   the way to attention (the attention's own inputs may also escape).
+   the way to attention (the attention's own inputs may also escape); a size query (`sym_size`)
+   is no use, the rewrite recomputes it.
 4. Follow the atoms from each root through the send path, the exchange and the receive tree; read
    the head atom at the input's head axis and prove: the destination-rank factor sits right above
    the head atom at the root (the exchange scatters heads) and the source-rank factor leads the
@@ -39,6 +40,9 @@ Steps of `match_sites(graph)`:
    while keeping the head atom whole, so per-chunk receive buffers can be concatenated on it; other
    uses of an output are escapes.
 Every failed proof is a `Skip` with a reason; a skipped site is never touched.
+Shapes may be symbolic (`symbolic.py`): sequence and batch sizes are SymInts that the dimension
+algebra carries; head counts must be static ints. A skip that dynamic shapes cause starts with
+`symbolic.SYMBOLIC`, and `rewrite_graph` logs those once per graph as a warning.
 """
 
 from __future__ import annotations

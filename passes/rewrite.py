@@ -20,7 +20,10 @@ Steps of `rewrite_site(graph, site, plan)`:
    to the original receive shape, and hand that to the original output wait's users. Escapes get
    the concatenation of their chunks, with the original strides; outputs that are the same in
    every chunk (RNG state) come from chunk 0.
-4. Order the new nodes with `schedule.pipeline_order`, then erase the original site.
+4. Recompute every size query of the site's nodes (make_fx's `sym_size` of an exchanged tensor) from
+   nodes outside the site, order the new nodes with `schedule.pipeline_order`, then erase the
+   original site. Symbolic sizes (a dynamic sequence length) are graph nodes throughout: replayed
+   reshapes, atom views and split sizes take them from `Emitter.size_arg`.
 Any shape that does not check raises `EmitError` before the original nodes are touched; the
 caller then calls `Emitter.rollback()` and the site stays as it was.
 """
