@@ -120,8 +120,10 @@ def known_contiguous(value: torch.Tensor) -> bool:
     return True
 
 
-_SIZE_QUERIES = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
-                 torch.ops.aten.sym_storage_offset.default}
+# looked up by name: an op a torch build lacks is simply not a size query there
+_SIZE_QUERIES = {getattr(getattr(torch.ops.aten, name, None), overload, None)
+                 for name, overload in (("sym_size", "int"), ("sym_numel", "default"), ("sym_stride", "int"),
+                                        ("sym_storage_offset", "default"))} - {None}
 _SIZE_METHODS = {"size", "stride", "numel", "dim", "storage_offset"}
 
 
