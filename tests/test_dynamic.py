@@ -402,3 +402,18 @@ def test_symbolic_split_sizes_are_rebuilt_per_chunk(fake_group):
         plain, _ = _compile(fn, (16,), hcms_compile.make_backend(chunks=2, inner="aot_eager"), True)
     assert _statuses(hcms)["forward"] == ["rewritten"]
     _assert_bitwise_at(hcms, plain, LENGTHS)
+
+
+def test_a_transformer_under_dynamic_true_is_chunked_once_for_every_length(fake_group):
+    from hcms_compile.models import UlyssesConfig, UlyssesTransformer
+
+    model = UlyssesTransformer(UlyssesConfig(heads=H, head_dim=D, blocks=2), fake_group(WORLD))
+    backend = hcms_compile.make_backend(chunks=2, inner="aot_eager", exact="rounding")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for s in (16, 24, 40):
+        compiled(torch.randn(2, s, H * D)).sum().backward()
+    assert [r.phase for r in backend.reports] == ["forward", "backward"]  # one artifact for every length
+    forward, backward = backend.reports
+    assert [s.status for s in forward.sites] == ["rewritten"] * 2
+    assert [s.status for s in backward.sites if s.attention.endswith("_backward")] == ["rewritten"] * 2
