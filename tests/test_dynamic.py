@@ -416,4 +416,4 @@ def test_a_transformer_under_dynamic_true_is_chunked_once_for_every_length(fake_
     assert [r.phase for r in backend.reports] == ["forward", "backward"]  # one artifact for every length
     forward, backward = backend.reports
     assert [s.status for s in forward.sites] == ["rewritten"] * 2
-    assert [s.status for s in backward.sites if s.attention.endswith("_backward")] == ["rewritten"] * 2
+    assert [s.status for s in backward.sites if "_backward" in s.attention] == ["rewritten"] * 2
