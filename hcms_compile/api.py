@@ -32,6 +32,7 @@ from .passes.match import match_again, value_of
 from .passes.ops import attention_op, is_all_to_all, target_name
 from .passes.plan import AUTO
 from .passes.profiles import DeviceProfile
+from .passes.symbolic import SYMBOLIC
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
 
 log = logging.getLogger("hcms_compile")
@@ -119,6 +120,7 @@ def _rewrite_graph(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile:
     reports = _apply_all(graph, spec, policy, profile) if no_metadata is None else _unshaped(graph, no_metadata)
     for report in reports:
         log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
+    _warn_symbolic(reports)
     return reports
 
 
@@ -177,6 +179,15 @@ def _connected(node: torch.fx.Node) -> set[torch.fx.Node]:
                 found.add(current)
                 stack.extend(step(current))
     return found
+
+
+def _warn_symbolic(reports: list[SiteReport]) -> None:
+    """One warning per graph for the sites dynamic shapes kept plain: a dynamic compile otherwise
+    loses the overlap silently (the table is only printed on request)."""
+    skipped = [r for r in reports if not r.rewritten and r.reason.startswith(SYMBOLIC)]
+    if skipped:
+        sites = "; ".join(f"site {r.index} ({r.attention}): {r.reason[len(SYMBOLIC):]}" for r in skipped)
+        log.warning("hcms: %d site(s) left unchunked because of symbolic shapes: %s", len(skipped), sites)
 
 
 def _check_args(chunks: object, exact: object) -> tuple[ChunkSpec, str]:

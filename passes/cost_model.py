@@ -19,6 +19,10 @@ Terms
 - reassembly: what only the chunked form copies: each output exchange's per-chunk receive buffers
   concatenated, and every escape (a per-head value saved for the backward) concatenated.
 
+Symbolic sizes (a dynamic sequence length) are read at their hint, the value of the example that
+triggered the compile: the prediction is for that length, and the report says so. Every rank
+compiles with the same shapes, so every rank reads the same hints and plans alike.
+
 Steps of `site_cost(site)`:
 1. Attention FLOPs from the recorded q, k, v shapes: 2 * B * H * S_q * S_kv * (D_qk + D_v) for the
    two matmuls, halved when causal, times 2.5 for a backward op.
@@ -50,6 +54,7 @@ from torch.fx import Node
 from .match import Site, value_of
 from .ops import attention_args, target_name
 from .profiles import DeviceProfile
+from .symbolic import hint, hints, known_contiguous
 
 # A backward op recomputes the scores (1 matmul) and computes dV, dP, dQ and dK (4 more) against the
 # forward's 2 matmuls of the same size: 5 / 2.
@@ -97,7 +102,7 @@ class Prediction:
 
 def _bytes(node: Node) -> int:
     val = value_of(node)
-    return int(val.numel()) * int(val.element_size())
+    return hint(val.numel()) * int(val.element_size())
 
 
 def _makes_buffer(node: Node) -> bool:
@@ -106,7 +111,7 @@ def _makes_buffer(node: Node) -> bool:
         return True
     if name in _COPIES_WHEN_STRIDED and node.args and isinstance(node.args[0], Node):
         source = value_of(node.args[0])
-        return source is not None and not source.is_contiguous()
+        return source is not None and not known_contiguous(source)
     return False
 
 
@@ -117,10 +122,10 @@ def _copy_bytes(path: Iterable[Node], buffer_bytes: int) -> int:
 def site_cost(site: Site) -> SiteCost:
     # from the attention's arguments: keys shared whole by every chunk (one KV head) are not in `site.heads`
     args = attention_args(site.attention, site.op)
-    q, k, v = (value_of(args[name]) for name in ("query", "key", "value"))
-    batch = math.prod(q.shape[:-3])
-    heads, s_q, d_qk = q.shape[-3:]
-    s_kv, d_v = k.shape[-2], v.shape[-1]
+    q, k, v = (hints(value_of(args[name]).shape) for name in ("query", "key", "value"))
+    batch = math.prod(q[:-3])
+    heads, s_q, d_qk = q[-3:]
+    s_kv, d_v = k[-2], v[-1]
     flops = 2.0 * batch * heads * s_q * s_kv * (d_qk + d_v)
     causal = bool(args["is_causal"])
     if causal:

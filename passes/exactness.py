@@ -41,19 +41,36 @@ number of heads, and then chunking changes the arithmetic:
    (1.27e-7 against 1.19e-7), and flash with a changed schedule by 8x. In deterministic mode the
    kernels do not vary, so chunking is then a rounding change.
    `sdpa` on CUDA picks its kernel at run time, so only "rounding" can be promised before lowering.
+
+Symbolic sizes (a dynamic sequence length): one compiled artifact runs every length the shape
+environment allows, so a chunking is graded by the worst length. Rules 1 and 2 read S, and each stops
+changing once S is large enough (CPU flash: S_q >= 768 and S_kv >= 512; CUDA flash: the smallest
+chunk fills the SMs). `judge` walks the symbol's values from its lowest (Dynamo's dynamic dims start
+at 2; `mark_dynamic(x, dim, min=...)` raises that) up to that point and gives the worst grade of
+those lengths, naming the first length that changes bits. Sizes must grow with the symbol (products,
+sums and floor divisions of it). Two or more symbols among the sizes a rule reads are not walked:
+that verdict is "rounding", except on CPU from 32 query tokens on, where no length changes bits. The
+CPU rules read the batch only as batch x heads >= 2, which the smallest batch decides.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import sympy
 import torch
+from torch.utils._sympy.functions import FloorDiv
+
+from .symbolic import Size, free_symbols, hints, is_symbolic, size, value_range
 
 BITWISE = "bitwise"
 RUN_TO_RUN = "run-to-run"
 ROUNDING = "rounding"
 _POLICIES = {True: BITWISE, False: RUN_TO_RUN, BITWISE: BITWISE, RUN_TO_RUN: RUN_TO_RUN, ROUNDING: ROUNDING}
+_ORDER = (BITWISE, RUN_TO_RUN, ROUNDING)  # from closest to the unchunked kernel
 _ACCEPTS = {BITWISE: {BITWISE}, RUN_TO_RUN: {BITWISE, RUN_TO_RUN}, ROUNDING: {BITWISE, RUN_TO_RUN, ROUNDING}}
 
 
@@ -61,6 +78,7 @@ _ACCEPTS = {BITWISE: {BITWISE}, RUN_TO_RUN: {BITWISE, RUN_TO_RUN}, ROUNDING: {BI
 class Exactness:
     grade: str
     why: str
+    symbolic: bool = False  # graded over the values a symbolic size may take
 
     @property
     def bitwise(self) -> bool:
@@ -164,7 +182,127 @@ _CUDA_FORWARD_BITWISE = {
 
 def judge(kernel: str, q: torch.Tensor, k: torch.Tensor, chunk_heads: tuple[int, ...],
           backward: bool = False) -> Exactness:
-    """The verdict for running `kernel` on head chunks of sizes `chunk_heads` instead of all heads."""
+    """The verdict for running `kernel` on head chunks of sizes `chunk_heads` instead of all heads,
+    for every value of the sizes when some are symbolic."""
+    if any(is_symbolic(n) for n in (*q.shape, *k.shape)):
+        return _judge_symbolic(kernel, q, k, chunk_heads, backward)
+    return _judge(kernel, q, k, chunk_heads, backward)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """What the rules read of q or k, at one value of the symbols."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+MAX_WALK = 20_000  # values of a symbol walked before giving up ("rounding")
+
+
+def _judge_symbolic(kernel: str, q: Any, k: Any, chunk_heads: tuple[int, ...], backward: bool) -> Exactness:
+    device = q.device.type
+    q_shape, k_shape = [size(n) for n in q.shape], [size(n) for n in k.shape]
+    batch = size(math.prod(q_shape[:-3]))
+    rank = len(q_shape)
+    saturated = _saturation(kernel, device, q, chunk_heads, backward)
+    if saturated is None:  # the rule does not read the sizes
+        return _judge(kernel, _Sizes(hints(q_shape), q.dtype, q.device), _Sizes(hints(k_shape), k.dtype, k.device),
+                      chunk_heads, backward)
+    if device == "cpu":
+        # batch x heads >= 2 is the only use of the batch: its smallest value decides
+        lead = [value_range(batch)[0]] if rank > 3 else []
+        q_shape = lead + q_shape[-3:]
+        k_shape = lead + k_shape[-3:]
+    reads = [*q_shape, *k_shape]
+    symbols = free_symbols(reads)
+    if not symbols:
+        return _judge(kernel, _at(q, q_shape, {}), _at(k, k_shape, {}), chunk_heads, backward)
+    if device == "cpu" and not backward and value_range(q_shape[-2])[0] >= 32 and not is_symbolic(q_shape[-1]):
+        # from 32 query tokens on the scratch is aligned whatever S_kv is; S_kv then only decides
+        # whether half precision may take the packed path (S_kv >= 64): try both sides of it
+        low_kv, high_kv = value_range(k_shape[-2])
+        verdicts = []
+        for s_kv in {low_kv, int(min(high_kv, max(low_kv, 64)))}:
+            qv = _Sizes((*hints(q_shape[:-2]), value_range(q_shape[-2])[0], q_shape[-1]), q.dtype, q.device)
+            kv = _Sizes((*hints(k_shape[:-2]), s_kv, q_shape[-1]), k.dtype, k.device)
+            verdicts.append(_judge(kernel, qv, kv, chunk_heads, backward))
+        worst = next((v for v in verdicts if not v.bitwise), verdicts[0])
+        return Exactness(worst.grade, f"{worst.why}, for every S_q >= 32 and S_kv this dynamic artifact accepts",
+                         symbolic=True)
+    if len(symbols) > 1:
+        names = ", ".join(sorted(map(str, symbols)))
+        return Exactness(ROUNDING, f"{kernel} chunking reads sizes of several symbols ({names}); bits are checked "
+                                   "for one dynamic size at a time", symbolic=True)
+    (symbol,) = symbols
+    exprs = [n.node.expr for n in reads if is_symbolic(n)]
+    if not all(_grows(e) for e in exprs):
+        return Exactness(ROUNDING, f"{kernel} chunking: sizes {exprs} do not grow with {symbol}, so the lengths "
+                                   "that keep bits cannot be walked", symbolic=True)
+    low, high = _symbol_range(symbol, next(n for n in reads if is_symbolic(n)))
+    span = f"{symbol} in {low}.." + ("" if high == math.inf else str(high))
+    worst, where, value = None, "", low
+    for _ in range(MAX_WALK):
+        at = {symbol: value}
+        qv, kv = _at(q, q_shape, at), _at(k, k_shape, at)
+        verdict = _judge(kernel, qv, kv, chunk_heads, backward)
+        if worst is None or _ORDER.index(verdict.grade) > _ORDER.index(worst.grade):
+            worst, where = verdict, f"{symbol}={value} (S_q={qv.shape[-2]}, S_kv={kv.shape[-2]})"
+        if worst.grade == ROUNDING or saturated(qv, kv) or value + 1 > high:
+            break
+        value += 1
+    else:
+        return Exactness(ROUNDING, f"{kernel} chunking: walked {MAX_WALK} values of {symbol} from {low} without "
+                                   "reaching lengths where bits stop depending on it", symbolic=True)
+    if worst.grade == ROUNDING:
+        return Exactness(ROUNDING, f"{worst.why}, at {where}, which this dynamic artifact accepts ({symbol} >= {low}); "
+                                   "raise the dim's minimum with torch._dynamo.mark_dynamic(x, dim, min=...)",
+                         symbolic=True)
+    return Exactness(worst.grade, f"{worst.why}, for every {span} (checked to {value})", symbolic=True)
+
+
+def _symbol_range(symbol: sympy.Symbol, carrier: Any) -> tuple[int, float]:
+    bounds = carrier.node.shape_env.bound_sympy(symbol)
+    return int(bounds.lower), (int(bounds.upper) if isinstance(bounds.upper, sympy.Integer) else math.inf)
+
+
+def _at(t: Any, shape: list[Size], values: dict[sympy.Symbol, int]) -> _Sizes:
+    concrete = tuple(int(n.node.expr.subs(values)) if is_symbolic(n) else int(n) for n in shape)
+    return _Sizes(concrete, t.dtype, t.device)
+
+
+def _grows(expr: sympy.Expr) -> bool:
+    """Whether `expr` never decreases as its symbols grow (positive sizes): products, sums and
+    floor divisions by positive constants of symbols and positive integers."""
+    if expr.is_Symbol or (expr.is_Integer and expr > 0):
+        return True
+    if isinstance(expr, (sympy.Mul, sympy.Add)):
+        return all(_grows(arg) for arg in expr.args)
+    if isinstance(expr, FloorDiv):
+        return _grows(expr.args[0]) and expr.args[1].is_Integer and expr.args[1] > 0
+    return False
+
+
+def _saturation(kernel: str, device: str, q: Any, chunk_heads: tuple[int, ...], backward: bool
+                ) -> Callable[[_Sizes, _Sizes], bool] | None:
+    """From which sizes on the verdict cannot change any more as S grows; None when the rule never
+    reads S."""
+    if device == "cpu" and kernel in ("flash_cpu", "sdpa"):
+        if backward:
+            return lambda qv, kv: True  # reads only the batch, already at its smallest
+        return lambda qv, kv: qv.shape[-2] >= 768 and kv.shape[-2] >= 512
+    if device == "cuda" and kernel == "flash":
+        try:
+            slots = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
+        except (AssertionError, RuntimeError):
+            return lambda qv, kv: True  # the verdict is "rounding" whatever S is
+        smallest = min(chunk_heads)
+        return lambda qv, kv: math.prod(qv.shape[:-3]) * smallest * -(-qv.shape[-2] // 64) >= 0.8 * slots
+    return None
+
+
+def _judge(kernel: str, q: Any, k: Any, chunk_heads: tuple[int, ...], backward: bool = False) -> Exactness:
     heads = sum(chunk_heads)
     device = q.device.type
     if device == "cpu" and kernel in ("flash_cpu", "sdpa"):

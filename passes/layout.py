@@ -27,6 +27,11 @@ An all-to-all with equal splits over P ranks is the one non-local step: the firs
 buffer whose sizes multiply to P name the destination rank; the receive buffer has the same shape,
 with a fresh "source rank" atom of size P replacing that prefix. `LayoutError` says why an op
 could not be followed; callers turn it into a skip reason.
+
+Sizes may be symbolic (`symbolic.py`): a dynamic sequence length or batch is an atom whose size is a
+SymInt. Every comparison and divisibility test is decided by the shape environment without adding
+a guard; one it cannot prove for every value of the symbols is a `LayoutError`. Head atoms stay
+static ints (the matcher refuses a symbolic head count).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .symbolic import Size, divides, is_symbolic, known, same, size
 
 Atom = int
 Layout = tuple[tuple[Atom, ...], ...]
@@ -43,11 +50,15 @@ class LayoutError(Exception):
     """An op whose effect on the atoms cannot be proven."""
 
 
+class SymbolicLayoutError(LayoutError):
+    """A comparison of symbolic sizes that the shape environment cannot decide for every value."""
+
+
 @dataclass
 class AtomSpace:
     """All atoms of one site, with their sizes and refinements."""
 
-    sizes: dict[Atom, int]
+    sizes: dict[Atom, Size]
     refined: dict[Atom, tuple[Atom, Atom]]
     broadcast: set[Atom]
 
@@ -56,16 +67,16 @@ class AtomSpace:
         self.refined = {}
         self.broadcast = set()
 
-    def new(self, size: int) -> tuple[Atom, ...]:
-        """A fresh atom for a dim of `size`, or none for size 1."""
-        if size == 1:
+    def new(self, n: Size) -> tuple[Atom, ...]:
+        """A fresh atom for a dim of `n`, or none for size 1."""
+        if same(n, 1):
             return ()
         atom = len(self.sizes)
-        self.sizes[atom] = size
+        self.sizes[atom] = n
         return (atom,)
 
-    def root(self, shape: Sequence[int]) -> Layout:
-        return tuple(self.new(int(s)) for s in shape)
+    def root(self, shape: Sequence[Size]) -> Layout:
+        return tuple(self.new(size(s)) for s in shape)
 
     def expand(self, atoms: Sequence[Atom]) -> tuple[Atom, ...]:
         out: list[Atom] = []
@@ -79,44 +90,50 @@ class AtomSpace:
     def resolve(self, layout: Layout) -> Layout:
         return tuple(self.expand(dim) for dim in layout)
 
-    def size(self, atoms: Sequence[Atom], override: dict[Atom, int] | None = None) -> int:
+    def size(self, atoms: Sequence[Atom], override: dict[Atom, int] | None = None) -> Size:
         override = override or {}
-        return math.prod(override.get(a, self.sizes[a]) for a in self.expand(atoms))
+        return size(math.prod(override.get(a, self.sizes[a]) for a in self.expand(atoms)))
 
-    def shape(self, layout: Layout, override: dict[Atom, int] | None = None) -> tuple[int, ...]:
+    def shape(self, layout: Layout, override: dict[Atom, int] | None = None) -> tuple[Size, ...]:
         """The dims' sizes, with some atoms resized (a head chunk instead of all local heads)."""
         return tuple(self.size(dim, override) for dim in layout)
 
-    def split(self, atom: Atom, outer: int) -> tuple[Atom, Atom]:
-        size = self.sizes[atom]
-        if outer <= 1 or outer >= size or size % outer:
-            raise LayoutError(f"cannot split a factor of size {size} into {outer} x {size // max(outer, 1)}")
+    def split(self, atom: Atom, outer: Size) -> tuple[Atom, Atom]:
+        n = self.sizes[atom]
+        if not (known(outer > 1) and known(outer < n) and divides(outer, n)):
+            if is_symbolic(n) or is_symbolic(outer):
+                raise SymbolicLayoutError(f"cannot prove that a factor of size {n} splits into {outer} x "
+                                          f"{n // outer} for every value of its symbols")
+            raise LayoutError(f"cannot split a factor of size {n} into {outer} x {n // outer}")
         (o,) = self.new(outer)
-        (i,) = self.new(size // outer)
+        (i,) = self.new(size(n // outer))
         self.refined[atom] = (o, i)
         return o, i
 
     # -- rules -------------------------------------------------------------------------------
 
-    def regroup(self, layout: Layout, shape: Sequence[int]) -> Layout:
+    def regroup(self, layout: Layout, shape: Sequence[Size]) -> Layout:
         flat = list(self.expand([a for dim in layout for a in dim]))
         out: list[tuple[Atom, ...]] = []
-        for target in (int(s) for s in shape):
+        for target in (size(s) for s in shape):
             group: list[Atom] = []
-            have = 1
-            while have < target:
+            have: Size = 1
+            while not same(have, target):
                 if not flat:
                     raise LayoutError(f"reshape to {tuple(shape)} does not match the input's size")
                 atom = flat[0]
-                size = self.sizes[atom]
-                if target % (have * size) == 0:
+                n = self.sizes[atom]
+                if divides(have * n, target):
                     group.append(flat.pop(0))
-                    have *= size
-                elif size % (target // have) == 0 and target % have == 0:
-                    outer, inner = self.split(atom, target // have)
+                    have = size(have * n)
+                elif divides(have, target) and divides(target // have, n):
+                    outer, inner = self.split(atom, size(target // have))
                     group.append(outer)
                     flat[0] = inner
                     have = target
+                elif any(is_symbolic(s) for s in (*shape, n)):
+                    raise SymbolicLayoutError(f"reshape to {tuple(shape)}: cannot prove how its symbolic sizes "
+                                              "factor into the input's")
                 else:
                     raise LayoutError(f"reshape to {tuple(shape)} mixes factors it cannot separate")
             out.append(tuple(group))
@@ -130,7 +147,7 @@ class AtomSpace:
         regrouped, the pieces factor moved to `join_dim`. `squeezed` says the pieces lost the split
         dim (unbind)."""
         size = self.size(layout[split_dim])
-        if size % pieces or (squeezed and size != pieces):
+        if not divides(pieces, size) or (squeezed and not same(size, pieces)):
             raise LayoutError(f"{pieces} pieces of a dim of size {size} are not equal")
         outer, inner = self.regroup((layout[split_dim],), (pieces, size // pieces))
         rest = layout[:split_dim] + (() if squeezed else (inner,)) + layout[split_dim + 1 :]
@@ -138,17 +155,17 @@ class AtomSpace:
             return rest[:join_dim] + (outer,) + rest[join_dim:]
         return rest[:join_dim] + (outer + rest[join_dim],) + rest[join_dim + 1 :]
 
-    def broadcast_to(self, layout: Layout, source: Sequence[int], target: Sequence[int]) -> Layout:
+    def broadcast_to(self, layout: Layout, source: Sequence[Size], target: Sequence[Size]) -> Layout:
         """`expand(target)`: new leading dims and size-1 dims grown to n get broadcast atoms."""
         lead = len(target) - len(source)
         if lead < 0:
             raise LayoutError(f"expand to {tuple(target)} has fewer dims than {tuple(source)}")
-        out = [self._broadcast(int(n)) for n in target[:lead]]
+        out = [self._broadcast(size(n)) for n in target[:lead]]
         for dim, have, want in zip(layout, source, target[lead:], strict=True):
-            if want in (-1, have):
+            if same(want, -1) or same(want, have):
                 out.append(dim)
-            elif have == 1:
-                out.append(self._broadcast(int(want)))
+            elif same(have, 1):
+                out.append(self._broadcast(size(want)))
             else:
                 raise LayoutError(f"expand of a dim of size {have} to {want}")
         return tuple(out)
@@ -158,8 +175,8 @@ class AtomSpace:
         dim = dim % len(layout)
         return layout[:dim] + (layout[dim] + self._broadcast(repeats),) + layout[dim + 1 :]
 
-    def _broadcast(self, size: int) -> tuple[Atom, ...]:
-        atoms = self.new(size)
+    def _broadcast(self, n: Size) -> tuple[Atom, ...]:
+        atoms = self.new(n)
         self.broadcast.update(atoms)
         return atoms
 
@@ -168,18 +185,18 @@ class AtomSpace:
         if not layout:
             raise LayoutError("all-to-all of a 0-d tensor")
         dim0 = list(self.expand(layout[0]))
-        if self.size(dim0) % world_size:
+        if not divides(world_size, self.size(dim0)):
             raise LayoutError(f"dim 0 of size {self.size(dim0)} is not divisible by {world_size} ranks")
         dest: list[Atom] = []
-        have = 1
-        while have < world_size:
+        have: Size = 1
+        while not same(have, world_size):
             atom = dim0[0]
-            size = self.sizes[atom]
-            if world_size % (have * size) == 0:
+            n = self.sizes[atom]
+            if divides(have * n, world_size):
                 dest.append(dim0.pop(0))
-                have *= size
+                have = size(have * n)
             else:
-                outer, inner = self.split(atom, world_size // have)
+                outer, inner = self.split(atom, size(world_size // have))
                 dest.append(outer)
                 dim0[0] = inner
                 have = world_size

@@ -34,10 +34,11 @@ Steps of `match_sites(graph)`:
    local), and from each all-to-all's input to its root. A stack or cat of one tensor's pieces is a
    layout op (its pieces join the path), and the fresh buffer of an in-place exchange and its fill
    stand for the wait. Check each receive node is used only on the way to attention (the
-   attention's own inputs may also escape). When no per-head input arrives from an all-to-all, the
-   reason names why: no all-to-all in the graph, a graph input (graph break), make_fx's
-   non-functional collective, a copy that is no alias of the result, an op that is not a layout
-   op, or a forward attention recomputed in a backward graph.
+   attention's own inputs may also escape); a size query (`sym_size`) is no use, the rewrite
+   recomputes it. When no per-head input arrives from an all-to-all, the reason names why: no
+   all-to-all in the graph, a graph input (graph break), make_fx's non-functional collective, a copy
+   that is no alias of the result, an op that is not a layout op, or a forward attention recomputed
+   in a backward graph.
 4. Follow the atoms from each root through the send path, the exchange and the receive tree; read
    the head atom at the input's head axis and prove: the destination-rank factor sits right above
    the head atom at the root (the exchange scatters heads) and the source-rank factor leads the
@@ -49,6 +50,9 @@ Steps of `match_sites(graph)`:
    only when every stacked tensor is a distinct per-head output of this attention op, of one shape,
    in the order the op returns them, laid out alike at the stack: they then share one head atom.
 Every failed proof is a `Skip` with a reason; a skipped site is never touched.
+Shapes may be symbolic (`symbolic.py`): sequence and batch sizes are SymInts that the dimension
+algebra carries; head counts must be static ints. A skip that dynamic shapes cause starts with
+`symbolic.SYMBOLIC`, and `rewrite_graph` logs those once per graph as a warning.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ import torch
 from torch.fx import Graph, Node
 
 from . import layout as L
-from .layout import Atom, AtomSpace, Layout, LayoutError
+from .layout import Atom, AtomSpace, Layout, LayoutError, SymbolicLayoutError
 from .ops import (
     CAT,
     EXPAND,
@@ -93,6 +97,7 @@ from .ops import (
     target_name,
     unbind_item,
 )
+from .symbolic import SYMBOLIC, Size, divides, is_size_query, is_symbolic, same, size
 
 # parameters and outputs indexed by KV head: fewer of them under grouped-query attention
 KV = ("key", "value")
@@ -198,8 +203,8 @@ def value_of(node: Node) -> Any:
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-def shape_of(node: Node) -> tuple[int, ...]:
-    """The static shape recorded by the tracer; NoMatch when absent or symbolic."""
+def shape_of(node: Node) -> tuple[Size, ...]:
+    """The shape recorded by the tracer: ints, and SymInts for dynamic dims; NoMatch when absent."""
     val = value_of(node)
     shape = getattr(val, "shape", None)
     if shape is None:
@@ -207,9 +212,16 @@ def shape_of(node: Node) -> tuple[int, ...]:
         shape = getattr(tm, "shape", None)
     if shape is None:
         raise NoMatch(f"{node.name} has no shape metadata (trace with make_fx, export or Dynamo)")
-    if not all(isinstance(s, int) for s in shape):
-        raise NoMatch(f"{node.name} has a symbolic shape {tuple(shape)}")
-    return tuple(int(s) for s in shape)
+    return tuple(size(s) for s in shape)
+
+
+def head_count(node: Node, axis: int, name: str) -> int:
+    """The (static) number of heads of `node` on `axis`: a symbolic head count cannot be chunked."""
+    n = shape_of(node)[axis]
+    if is_symbolic(n):
+        raise NoMatch(f"{SYMBOLIC}{name} has a symbolic head count {n}: chunks are cut from a static number of "
+                      "heads (mark only the sequence and batch dims dynamic, or reshape heads with constants)")
+    return n
 
 
 def world_size_of(group: Any) -> int:
@@ -282,7 +294,8 @@ class _Matcher:
         except NoMatch as err:
             return Skip(self.index, self.attention, self.op.kernel, str(err), self.world_size, self.local_heads)
         except LayoutError as err:
-            return Skip(self.index, self.attention, self.op.kernel, f"layout not understood: {err}",
+            prefix = SYMBOLIC if isinstance(err, SymbolicLayoutError) else ""
+            return Skip(self.index, self.attention, self.op.kernel, f"{prefix}layout not understood: {err}",
                         self.world_size, self.local_heads)
 
     # -- step 2 --------------------------------------------------------------------------------
@@ -297,7 +310,7 @@ class _Matcher:
         for name, node in heads.items():
             if not isinstance(node, Node):
                 raise NoMatch(f"{name} is not a tensor in the graph")
-        counts = {name: shape_of(node)[self.op.head_params[name]] for name, node in heads.items()}
+        counts = {name: head_count(node, self.op.head_params[name], name) for name, node in heads.items()}
         q_heads = counts["query"]
         kv = {name: n for name, n in counts.items() if name in KV}
         if any(n != q_heads for n in kv.values()):
@@ -320,7 +333,8 @@ class _Matcher:
         if others:
             raise NoMatch(f"per-head inputs disagree on the head count {counts}")
         lead = {name: shape_of(n)[:-3] for name, n in heads.items() if self.op.head_params[name] == -3}
-        if len(set(lead.values())) != 1:
+        first = next(iter(lead.values()))
+        if any(len(dims) != len(first) or not all(map(same, dims, first)) for dims in lead.values()):
             raise NoMatch(f"batch dims differ {lead}: attention that broadcasts over batch is not chunked yet; "
                           "expand q, k and v to one batch shape")
         self.local_heads = q_heads
@@ -337,8 +351,11 @@ class _Matcher:
         if not isinstance(mask, Node):
             raise NoMatch(f"{name} is not a tensor in the graph")
         shape = shape_of(mask)
-        if len(shape) < 3 or shape[-3] == 1:
+        if len(shape) < 3 or same(shape[-3], 1):
             return
+        if is_symbolic(shape[-3]):
+            raise NoMatch(f"{SYMBOLIC}{name} has a symbolic head dim {shape[-3]}: cannot tell a per-head mask "
+                          "from a broadcast one")
         if shape[-3] != self.local_heads:
             raise NoMatch(f"{name} has {shape[-3]} heads but the site has {self.local_heads} local heads")
         heads[name] = mask
@@ -558,7 +575,7 @@ class _Matcher:
         allowed = set(receive) | fills | {self.attention}
         terminals = {heads[name] for name in feeds}  # the attention's own inputs may escape
         for node in {wait, *receive} - terminals:
-            outside = [u.name for u in node.users if u not in allowed]
+            outside = [u.name for u in node.users if u not in allowed and not is_size_query(u)]
             if outside:
                 raise NoMatch(f"{node.name} (between {a2a.name} and attention) is also used by {outside}, which "
                               "would not see whole tensors once chunked; let those users read the attention's "
@@ -642,7 +659,7 @@ class _Matcher:
             inside = set(ex.receive) | {self.attention}
             for name in ex.feeds:
                 node = heads[name]
-                users = tuple(u for u in node.users if u not in inside)
+                users = tuple(u for u in node.users if u not in inside and not is_size_query(u))
                 if users and node not in escapes:
                     escapes[node] = Escape(node, len(shape_of(node)) - 3, users, None)
         return tuple(escapes.values())
@@ -661,6 +678,8 @@ class _Matcher:
             axis = self.op.head_outputs[index] % len(shape_of(source))
             outside: list[Node] = []
             for user in source.users:
+                if is_size_query(user):
+                    continue  # recomputed by the rewrite from tensors outside the site
                 if inplace_fill(user) is not None or _later_piece(source, user):
                     continue  # the buffer an in-place exchange fills, or a piece the first one's walk covers
                 found = self._output_exchange(index, source, user, first, heads, group, world)
@@ -747,7 +766,8 @@ class _Matcher:
             if step is None or step.source is not node or step.kind == UNBIND:
                 return None
             path.append(user)
-            onward = [u for u in user.users if inplace_fill(u) is None and not _later_piece(user, u)]
+            onward = [u for u in user.users
+                      if inplace_fill(u) is None and not _later_piece(user, u) and not is_size_query(u)]
             if len(onward) != 1:
                 if any(is_all_to_all(u) for u in _reachable(user)):
                     raise NoMatch(f"the path from {what} to an all-to-all branches at {user.name}")
@@ -957,17 +977,24 @@ def _reachable(node: Node, limit: int = 64) -> list[Node]:
     return seen
 
 
-def _check_equal_splits(args: Any, shape: tuple[int, ...], world: int) -> None:
+def _check_equal_splits(args: Any, shape: tuple[Size, ...], world: int) -> None:
     rows = shape[0] if shape else 0
-    if rows % world:
+    if not divides(world, rows):
         raise NoMatch(f"all-to-all dim 0 of size {rows} is not divisible by {world} ranks")
     for splits in (args.output_splits, args.input_splits):
         if splits is None or (isinstance(splits, (list, tuple)) and len(splits) == 0):
             continue
-        if not isinstance(splits, (list, tuple)) or any(not isinstance(s, int) for s in splits):
-            raise NoMatch(f"all-to-all split sizes {splits!r} are not static")
-        if list(splits) != [rows // world] * world:
-            raise NoMatch(f"uneven all-to-all split sizes {list(splits)} are not chunked yet")
+        if not isinstance(splits, (list, tuple)):
+            raise NoMatch(f"all-to-all split sizes {splits!r} are not a list")
+        # a symbolic split size is a node of the graph (ATen) or a SymInt (Dynamo)
+        values = [value_of(s) if isinstance(s, Node) else s for s in splits]
+        if any(not isinstance(v, (int, torch.SymInt)) or isinstance(v, bool) for v in values):
+            raise NoMatch(f"all-to-all split sizes {splits!r} are not sizes")
+        if len(values) != world or not all(same(size(v), size(rows // world)) for v in values):
+            shown = [size(v) for v in values]
+            if any(is_symbolic(v) for v in (*shown, rows)):
+                raise NoMatch(f"{SYMBOLIC}all-to-all split sizes {shown} cannot be proven equal to {rows}/{world}")
+            raise NoMatch(f"uneven all-to-all split sizes {shown} are not chunked yet")
 
 
 def _position(graph: torch.fx.Graph) -> Callable[[Node], int]:

@@ -20,6 +20,10 @@ Steps:
    does not accept is a skip, an accepted one is planned and reported.
 The plan depends only on the graph's shapes, the kernel, the spec and the device profile, so ranks
 that hold the same profile (`hcms calibrate` and the backend make them agree) reach the same plan.
+With a symbolic sequence length (dynamic shapes) explicit chunks do not depend on S at all; "auto"
+predicts at the size hints, the lengths of the example that triggered the compile, which every rank
+compiles with, and says so in its reason; the exactness verdict covers every length the compiled
+artifact accepts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .exactness import BITWISE, Exactness, accepts, judge
 from .match import Site, value_of
 from .ops import attention_args
 from .profiles import DeviceProfile
+from .symbolic import SYMBOLIC, hint, is_symbolic
 
 AUTO = "auto"
 MAX_AUTO_CHUNKS = 8
@@ -172,11 +177,22 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
         if profile is None:
             raise ValueError("chunks='auto' needs a device profile")
         cost = site_cost(site)
-        choice = choose_chunks(cost, profile, site.local_heads // group, group,
-                               accept=lambda sizes: accepts(policy, verdict(sizes)))
+        refused: list[Exactness] = []
+
+        def accept(sizes: tuple[int, ...]) -> bool:
+            grade = verdict(sizes)
+            if not accepts(policy, grade):
+                refused.append(grade)
+            return accepts(policy, grade)
+
+        choice = choose_chunks(cost, profile, site.local_heads // group, group, accept=accept)
+        note = _hint_note(query, key)
         if len(choice.chunk_sizes) == 1:
-            return f"auto: {choice.reason}"
-        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason)
+            symbolic = next((grade for grade in refused if grade.symbolic), None)
+            if symbolic is not None and not choice.candidates:
+                return f"{SYMBOLIC}auto: no chunking keeps bits for every length ({symbolic.grade}: {symbolic.why})"
+            return f"auto: {choice.reason}{note}"
+        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason + note)
     if group > 1:
         # grouped-query attention: a chunk holds whole groups of `group` query heads and their KV head
         if not isinstance(chunks, int) and any(size % group for size in chunks):
@@ -192,6 +208,16 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
         return sizes
     grade = verdict(sizes)
     if not accepts(policy, grade):
-        return f"chunking may change bits ({grade.grade}: {grade.why}); pass exact={grade.grade!r} to allow it"
+        prefix = SYMBOLIC if grade.symbolic else ""
+        return f"{prefix}chunking may change bits ({grade.grade}: {grade.why}); pass exact={grade.grade!r} to allow it"
     prediction = predict(site_cost(site), profile, sizes) if profile is not None else None
     return ChunkPlan(sizes, grade, prediction)
+
+
+def _hint_note(query: object, key: object) -> str:
+    """Where "auto" read a symbolic sequence length at its hint, say so (and at which length)."""
+    s_q, s_kv = query.shape[-2], key.shape[-2]
+    if not (is_symbolic(s_q) or is_symbolic(s_kv)):
+        return ""
+    return (f"; predicted at the compiling example's S_q={hint(s_q)}, S_kv={hint(s_kv)} (the sequence length is "
+            "symbolic; every rank compiles with the same example)")

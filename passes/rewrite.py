@@ -23,7 +23,10 @@ Steps of `rewrite_site(graph, site, plan)`:
    to the original receive shape, and hand that to the original output wait's users. Escapes get
    the concatenation of their chunks, with the original strides; outputs that are the same in
    every chunk (RNG state) come from chunk 0.
-4. Order the new nodes with `schedule.pipeline_order`, then erase the original site.
+4. Recompute every size query of the site's nodes (make_fx's `sym_size` of an exchanged tensor) from
+   nodes outside the site, order the new nodes with `schedule.pipeline_order`, then erase the
+   original site. Symbolic sizes (a dynamic sequence length) are graph nodes throughout: replayed
+   reshapes, atom views and split sizes take them from `Emitter.size_arg`.
 Any shape that does not check raises `EmitError` before the original nodes are touched; the
 caller then calls `Emitter.rollback()` and the site stays as it was.
 """
@@ -33,10 +36,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch.fx import Graph, Node
+from torch.fx.node import map_arg
 
+from . import symbolic
 from .emit import Emitter
 from .layout import Atom, Layout
-from .match import Escape, InputExchange, Site, shape_of
+from .match import Escape, InputExchange, Site, shape_of, value_of
 from .ops import (
     CAT,
     EXPAND,
@@ -51,6 +56,7 @@ from .ops import (
 )
 from .plan import ChunkPlan
 from .schedule import ChunkStages, apply_order, pipeline_order
+from .symbolic import is_size_query
 
 COMM = "comm"
 COMPUTE = "compute"
@@ -62,6 +68,7 @@ class _SiteWriter:
         self.site = site
         self.atoms = site.atoms
         self.layouts = site.layouts
+        emitter.avoid = set(_site_nodes(site))
 
     def tag(self, since: int, chunk: int | None, role: str, stream: str = COMPUTE) -> list[Node]:
         nodes = self.emit.created[since:]
@@ -118,7 +125,8 @@ class _SiteWriter:
     def exchange(self, send: Node, original: Node, override: dict[Atom, int], layout: Layout) -> Node:
         args = exchange_args(original)
         rows = self.atoms.shape(layout, override)[0]
-        splits = [rows // self.site.world_size] * self.site.world_size
+        # a symbolic row count (a flattened buffer holding the sequence) gives split sizes as nodes
+        splits = self.emit.size_args([symbolic.size(rows // self.site.world_size)] * self.site.world_size)
         out_splits = splits if args.output_splits else args.output_splits
         in_splits = splits if args.input_splits else args.input_splits
         return self.emit.call(original.target, send, out_splits, in_splits, args.group)
@@ -215,6 +223,7 @@ class _SiteWriter:
             results.append(self.emit.reshape(joined, shape_of(out.wait)))
         escaped = {e: self.emit.restride(self.emit.cat(parts, e.axis), e.node) for e, parts in self.parts.items()}
         tail = self.tag(mark, None, "reassemble")
+        sizes = self.size_queries()
         apply_order(pipeline_order(stages, tail), site.attention)
 
         graph = self.emit.graph
@@ -232,22 +241,49 @@ class _SiteWriter:
         for index, value in self.shared.items():
             for user in site.shared_outputs[index]:
                 user.replace_input_with(next(u for u in site.attention.users if u.args[1] == index), value)
+        for query, value in sizes.items():
+            for user in list(query.users):
+                user.args = map_arg(user.args, lambda n, q=query, v=value: v if n is q else n)
+                user.kwargs = map_arg(user.kwargs, lambda n, q=query, v=value: v if n is q else n)
+            graph.erase_node(query)
         _erase_site(graph, site)
+        self.emit.drop_unused_sizes()
+
+    def size_queries(self) -> dict[Node, int | Node | tuple[int | Node, ...]]:
+        """Each size read from a node of the site (make_fx's `sym_size`), as a size computed from
+        nodes outside it, so that the site can be erased."""
+        site_nodes = set(_site_nodes(self.site))
+        order = {node: i for i, node in enumerate(self.emit.graph.nodes)}
+        anchor = order[self.site.attention]
+        sizes: dict[Node, int | Node | tuple[int | Node, ...]] = {}
+        for node in site_nodes:
+            for query in (u for u in node.users if is_size_query(u)):
+                # a size used before the attention (a split size, say) is rebuilt where it was read
+                before = query if any(u not in site_nodes and order[u] < anchor for u in query.users) else None
+                value = value_of(query)
+                sizes[query] = tuple(self.emit.size_arg(v, before) for v in value) if isinstance(
+                    value, (tuple, list)) else self.emit.size_arg(value, before)  # x.size(): all dims
+        return sizes
+
+
+def _site_nodes(site: Site) -> list[Node]:
+    """The nodes the rewrite replaces (send paths only where nothing else uses them)."""
+    nodes: list[Node] = []
+    for out in site.outputs:
+        nodes += [out.wait, out.all_to_all, *reversed(out.send_path)]
+    nodes += list(site.attention.users)
+    nodes.append(site.attention)
+    for ex in site.inputs:
+        nodes += [ex.fill] if ex.fill is not None else []
+        nodes += [*reversed(ex.receive), ex.wait, ex.all_to_all]
+    for ex in site.inputs:
+        nodes += reversed(ex.send_path[1:])
+    return nodes
 
 
 def _erase_site(graph: Graph, site: Site) -> None:
-    doomed: list[Node] = []
-    for out in site.outputs:
-        doomed += [out.wait, out.all_to_all, *reversed(out.send_path)]
-    doomed += list(site.attention.users)
-    doomed.append(site.attention)
-    for ex in site.inputs:
-        doomed += [ex.fill] if ex.fill is not None else []
-        doomed += [*reversed(ex.receive), ex.wait, ex.all_to_all]
-    for ex in site.inputs:
-        doomed += reversed(ex.send_path[1:])
     erased: set[Node] = set()
-    for node in doomed:
+    for node in _site_nodes(site):
         # send paths may be shared with other users, and so may survive
         if node not in erased and not node.users:
             graph.erase_node(node)
