@@ -301,6 +301,7 @@ class Emitter:
         for node in reversed(self.size_nodes):
             if not node.users:
                 self.graph.erase_node(node)
+        self.size_nodes = [node for node in self.size_nodes if not getattr(node, "_erased", False)]
 
     def rollback(self) -> None:
         """Erase every node this emitter created. A node is created after its inputs, so in reverse

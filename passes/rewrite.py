@@ -8,7 +8,8 @@ Terms
 - slice point: the earliest node on an input's send path where the head atom is a whole dim, so
   that the slice is a view and the path's own copy (its `contiguous`) is the only copy.
 - annotation: `node.meta["hcms"] = {"site", "chunk", "role", "stream"}` on every new node; the
-  stream is "comm" for all-to-alls and their waits, "compute" otherwise.
+  stream is "comm" for all-to-alls and their waits, "compute" otherwise. Symbolic size arguments
+  (role "size") serve every chunk, so their chunk is None.
 
 Steps of `rewrite_site(graph, site, plan)`:
 1. For each chunk and each input exchange: slice at the slice point (or view the send buffer by
@@ -248,6 +249,8 @@ class _SiteWriter:
             graph.erase_node(query)
         _erase_site(graph, site)
         self.emit.drop_unused_sizes()
+        for node in self.emit.size_nodes:  # shared by every chunk, so they belong to none
+            node.meta["hcms"] = {"site": site.index, "chunk": None, "role": "size", "stream": COMPUTE}
 
     def size_queries(self) -> dict[Node, int | Node | tuple[int | Node, ...]]:
         """Each size read from a node of the site (make_fx's `sym_size`), as a size computed from

@@ -628,20 +628,39 @@ def test_an_op_between_exchange_and_attention_that_is_not_a_layout_op_is_named(t
     assert reason.startswith("query reaches cat") and "cat)" in reason, reason
 
 
+def _backward_graph_of_default_partition(fn, inputs) -> torch.fx.GraphModule:
+    """The backward graph AOTAutograd's default partitioner makes (the backend uses the min-cut one,
+    which saves the attention's outputs; the default one recomputes the forward attention)."""
+    from functorch.compile import default_partition, make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _example):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=default_partition)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    torch.compile(fn, backend=backend, fullgraph=True)(*leaves).sum().backward()
+    return graphs[-1]
+
+
 def test_a_recomputed_forward_attention_in_the_backward_graph_is_named():
     g = ranks.group(P)
-    backend = hcms_compile.make_backend(chunks=2, inner="aot_eager")
-    graphs = compile_graphs(lambda q, k, v: attn_funcol(q, k, v, g, is_causal=True), _inputs(), backend)
-    before = graphs.backward.graph_module.code
-    recomputed = [s for s in graphs.backward.sites if not s.attention.endswith("_backward")]
-    assert recomputed, "AOTAutograd no longer recomputes the forward attention in the backward graph"
+    gm = _backward_graph_of_default_partition(lambda q, k, v: attn_funcol(q, k, v, g, is_causal=True), _inputs())
+    result = hcms_compile.rewrite(gm, chunks=2)
+    recomputed = [s for s in result.sites if not s.attention.endswith("_backward")]
+    assert recomputed, "AOTAutograd's default partitioner no longer recomputes the forward attention"
     for site in recomputed:
         assert site.status == "skipped"
         assert site.reason.startswith("a forward attention op recomputed from saved tensors in the backward graph")
     # the backward op beside it is rewritten, and the recomputed op is still there, untouched
-    assert any(s.rewritten for s in graphs.backward.sites)
-    assert before.count("_scaled_dot_product_flash_attention_for_cpu.default(") == \
-        graphs.backward.graph_module.code.count("_scaled_dot_product_flash_attention_for_cpu.default(")
+    assert any(s.rewritten for s in result.sites)
+    code = result.graph_module.code
+    assert gm.code.count("_scaled_dot_product_flash_attention_for_cpu.default(") == \
+        code.count("_scaled_dot_product_flash_attention_for_cpu.default(")
 
 
 def test_pieces_shared_by_two_joins_are_followed_as_selects():
