@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import hcms_compile
 from hcms_compile.testing import ranks
-from hcms_compile.testing.compiled import compile_graphs
 from hcms_compile.testing.layouts import _funcol_in as funcol_in
 from hcms_compile.testing.layouts import _funcol_out as funcol_out
 from hcms_compile.testing.layouts import attn_dist_inplace, attn_funcol
