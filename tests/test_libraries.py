@@ -119,13 +119,13 @@ def _ulysses_mesh():
 # ---------------------------------------------------------------------------------------------
 
 
-def _diffusers_attention() -> Callable[..., torch.Tensor]:
+def _diffusers_attention(mesh: Any = None, rank: int = 0) -> Callable[..., torch.Tensor]:
     pytest.importorskip("diffusers")
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=WORLD))
-    config.setup(0, WORLD, torch.device("cpu"), mesh=_ulysses_mesh())
+    config.setup(rank, WORLD, torch.device("cpu"), mesh=mesh or _ulysses_mesh())
     return functools.partial(dispatch_attention_fn, backend="native", parallel_config=config)
 
 
@@ -328,11 +328,11 @@ def test_yunchang_ulysses_training_is_rewritten_and_bitwise():
 # ---------------------------------------------------------------------------------------------
 
 
-def _para_attn_ulysses() -> Callable[..., torch.Tensor]:
+def _para_attn_ulysses(group: Any = None) -> Callable[..., torch.Tensor]:
     pytest.importorskip("para_attn")
     from para_attn.para_attn_interface import ulysses_attn_func
 
-    return functools.partial(ulysses_attn_func, is_causal=True, mesh=ranks.group(WORLD))
+    return functools.partial(ulysses_attn_func, is_causal=True, mesh=group or ranks.group(WORLD))
 
 
 def test_para_attn_ulysses_inference_is_rewritten_and_bitwise():
@@ -356,13 +356,13 @@ def test_para_attn_ulysses_training_is_rewritten_and_bitwise():
 # ---------------------------------------------------------------------------------------------
 
 
-def _cache_dit_attention() -> Callable[..., torch.Tensor]:
+def _cache_dit_attention(mesh: Any = None, rank: int = 0) -> Callable[..., torch.Tensor]:
     pytest.importorskip("cache_dit")
     from cache_dit.attention import _dispatch_attention_fn
     from cache_dit.distributed.core._modeling_parallel import _ContextParallelConfig
 
     config = _ContextParallelConfig(ulysses_degree=WORLD)
-    config.setup(0, WORLD, torch.device("cpu"), _ulysses_mesh())
+    config.setup(rank, WORLD, torch.device("cpu"), mesh or _ulysses_mesh())
     return functools.partial(_dispatch_attention_fn, backend="native", cp_config=config)
 
 
@@ -373,3 +373,52 @@ def test_cache_dit_ulysses_inference_is_rewritten_and_bitwise():
     report, outputs = _inference(attention, _sharded(full, seq_dim=1))
     _assert_rewritten(report)
     _assert_is_attention(outputs, full, _bshd_to_bhsd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inductor, on gloo processes (Inductor's compiled code cannot run on the in-process ranks)
+# ---------------------------------------------------------------------------------------------
+
+
+def _inductor_worker(rank: int, out_dir: str) -> None:
+    """The rewritten libraries compiled with inner="inductor", with and without HCMS; para-attn also trains."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("ring", "ulysses"))
+    # name: (attention, global shape, sequence dim, train)
+    cases = {
+        "diffusers": (_diffusers_attention(mesh, rank), (B, S, H, D), 1, False),
+        "cache_dit": (_cache_dit_attention(mesh, rank), (B, S, H, D), 1, False),
+        "para_attn": (_para_attn_ulysses(dist.group.WORLD), (B, H, S, D), 2, True),
+    }
+    results = {}
+    for case, (attention, shape, seq_dim, train) in cases.items():
+        local = [t.chunk(WORLD, dim=seq_dim)[rank].contiguous() for t in _full(shape, seed=11)]
+        for name in ("plain", "hcms"):
+            backend = hcms_compile.make_backend(chunks=2, inner="inductor")
+            torch._dynamo.reset()
+            inputs = [t.clone().requires_grad_(train) for t in local]
+            with (hcms_disabled() if name == "plain" else contextlib.nullcontext()), torch.set_grad_enabled(train):
+                out = torch.compile(attention, backend=backend, fullgraph=True)(*inputs)
+                if train:
+                    out.backward(torch.ones_like(out))
+            results[case, name] = (out.detach(), [t.grad for t in inputs] if train else [], backend.reports)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_rewritten_libraries_are_bitwise_with_inductor_over_gloo(tmp_path):
+    for module in ("diffusers", "cache_dit", "para_attn"):
+        pytest.importorskip(module)
+    spawn_gloo(_inductor_worker, WORLD, str(tmp_path))
+    for rank in range(WORLD):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for case in ("diffusers", "cache_dit", "para_attn"):
+            (plain, plain_grads, _), (hcms, hcms_grads, reports) = results[case, "plain"], results[case, "hcms"]
+            assert torch.equal(plain, hcms), f"{case}: rank {rank}: output differs with HCMS"
+            for i, (want, got) in enumerate(zip(plain_grads, hcms_grads, strict=True)):
+                assert torch.equal(want, got), f"{case}: rank {rank}: gradient of input {i} differs with HCMS"
+            assert reports, f"{case}: Inductor compiled no graph"
+            for report in reports:
+                _assert_rewritten(report)
+        assert [r.phase for r in results["para_attn", "hcms"][2]] == ["forward", "backward"]
