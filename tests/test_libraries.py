@@ -351,6 +351,20 @@ def test_para_attn_ulysses_training_is_rewritten_and_bitwise():
         _assert_rewritten(report)
 
 
+def test_para_attn_ulysses_attn_mode_inference_is_rewritten_and_bitwise():
+    # para-attn's usual entry: a model's plain F.scaled_dot_product_attention, turned into Ulysses by the
+    # UlyssesAttnMode entered around the compiled call
+    pytest.importorskip("para_attn")
+    from para_attn.para_attn_interface import UlyssesAttnMode
+
+    full = _full((B, H, S, D), seed=12)
+    with UlyssesAttnMode(ranks.group(WORLD)):
+        report, outputs = _inference(functools.partial(F.scaled_dot_product_attention, is_causal=True),
+                                     _sharded(full, seq_dim=2))
+    _assert_rewritten(report)
+    _assert_is_attention(outputs, full, lambda t: t, is_causal=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # cache-dit: cache_dit.distributed.core.UlyssesAttention (_All2AllComm), through _dispatch_attention_fn
 # ---------------------------------------------------------------------------------------------
