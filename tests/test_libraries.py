@@ -29,7 +29,8 @@ import hcms_compile
 from hcms_compile.backend import GraphReport
 from hcms_compile.spawn import spawn_gloo
 from hcms_compile.testing import assert_equivalent, ranks
-from hcms_compile.testing.compiled import compile_graphs, hcms_disabled
+from hcms_compile.testing.compiled import _inputs_in_order, compile_graphs, hcms_disabled
+from hcms_compile.testing.tracing import trace
 
 WORLD, B, S, H, D = 2, 2, 32, 4, 8  # 2 local heads per rank: chunks=2 gives 1+1 (x batch 2)
 
@@ -91,6 +92,18 @@ def _inference(fn: Callable[..., Any], inputs: Sequence[LocalTensor]) -> tuple[G
     return hcms.forward, [w[0] for w in want]
 
 
+def _dynamo_graph(fn: Callable[..., Any], inputs: Sequence[LocalTensor]) -> tuple[GraphReport, list[Any]]:
+    """`hcms_compile.rewrite` on the graph Dynamo captures (where an in-place exchange is still
+    `out.copy_(wait)`), the rewritten graph run on every rank bitwise against the captured one."""
+    # Dynamo numbers inputs by first use (DeepSpeed reads the key's shape first): keep argument order
+    gm = trace(functools.partial(_inputs_in_order, fn), [x._local_tensors[0] for x in inputs], "dynamo")
+    result = hcms_compile.rewrite(gm, chunks=2)
+    with torch.no_grad():
+        want = ranks.run_on_ranks(gm, inputs, WORLD)
+        _assert_same("Dynamo graph", want, ranks.run_on_ranks(result.graph_module, inputs, WORLD))
+    return GraphReport("dynamo", result.sites), [w[0] for w in want]
+
+
 def _assert_is_attention(outputs: Sequence[torch.Tensor], full: Sequence[torch.Tensor],
                          to_bhsd: Callable[[torch.Tensor], torch.Tensor], is_causal: bool = False,
                          out_to_bhsd: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -103,6 +116,10 @@ def _assert_is_attention(outputs: Sequence[torch.Tensor], full: Sequence[torch.T
 
 def _bshd_to_bhsd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)
+
+
+def _sbhd_to_bhsd(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(1, 2, 0, 3)
 
 
 def _ulysses_mesh():
@@ -163,7 +180,7 @@ class _LocalSdpa(torch.nn.Module):
         self.batch_dim = batch_dim
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        to_bhsd = _bshd_to_bhsd if self.batch_dim == 0 else (lambda t: t.permute(1, 2, 0, 3))
+        to_bhsd = _bshd_to_bhsd if self.batch_dim == 0 else _sbhd_to_bhsd
         out = F.scaled_dot_product_attention(to_bhsd(q), to_bhsd(k), to_bhsd(v), is_causal=True)
         return out.transpose(1, 2) if self.batch_dim == 0 else out.permute(2, 0, 1, 3)
 
@@ -194,7 +211,7 @@ def test_deepspeed_distributed_attention_inference_is_rewritten_and_bitwise(batc
     attention = _deepspeed_attention(batch_dim)
     full = _full(_deepspeed_shape(batch_dim), seed=2)
     report, outputs = _inference(attention, _sharded(full, seq_dim=1 - batch_dim))
-    to_bhsd = _bshd_to_bhsd if batch_dim == 0 else (lambda t: t.permute(1, 2, 0, 3))
+    to_bhsd = _bshd_to_bhsd if batch_dim == 0 else _sbhd_to_bhsd
     _assert_is_attention(outputs, full, to_bhsd, is_causal=True)
     _assert_rewritten(report)
 
@@ -207,6 +224,15 @@ def test_deepspeed_distributed_attention_training_is_rewritten_and_bitwise(batch
     result = assert_equivalent(attention, inputs, world_size=WORLD, chunks=2, require_rewrite=False)
     for report in result.graphs:
         _assert_rewritten(report)
+
+
+@_DEEPSPEED_LAYOUTS
+def test_deepspeed_distributed_attention_dynamo_graph_is_rewritten_and_bitwise(batch_dim):
+    # the standalone pass on the Dynamo graph, where the in-place exchange is still `copy_`: rewritten
+    full = _full(_deepspeed_shape(batch_dim), seed=13)
+    report, outputs = _dynamo_graph(_deepspeed_attention(batch_dim), _sharded(full, seq_dim=1 - batch_dim))
+    _assert_rewritten(report)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd if batch_dim == 0 else _sbhd_to_bhsd, is_causal=True)
 
 
 class _HfAttentionModule(torch.nn.Module):
@@ -321,6 +347,14 @@ def test_yunchang_ulysses_training_is_rewritten_and_bitwise():
                                chunks=2, require_rewrite=False)
     for report in result.graphs:
         _assert_rewritten(report)
+
+
+def test_yunchang_ulysses_dynamo_graph_is_rewritten_and_bitwise():
+    # the standalone pass on the Dynamo graph, where the in-place exchange is still `copy_`: rewritten
+    full = _full((B, S, H, D), seed=14)
+    report, outputs = _dynamo_graph(_yunchang_attention(), _sharded(full, seq_dim=1))
+    _assert_rewritten(report)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd, is_causal=True)
 
 
 # ---------------------------------------------------------------------------------------------
