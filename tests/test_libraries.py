@@ -469,4 +469,7 @@ def test_rewritten_libraries_are_bitwise_with_inductor_over_gloo(tmp_path):
             assert reports, f"{case}: Inductor compiled no graph"
             for report in reports:
                 _assert_rewritten(report)
-        assert [r.phase for r in results["para_attn", "hcms"][2]] == ["forward", "backward"]
+        para_attn = results["para_attn", "hcms"][2]
+        # a hit in AOTAutograd's cache (keyed on the pass's uuid) reports the forward plan only
+        expected = ["forward"] if para_attn[0].cached else ["forward", "backward"]
+        assert [r.phase for r in para_attn] == expected
