@@ -4,8 +4,10 @@ Users compile these libraries, not the project's layout zoo, so each test builds
 of a library's own Ulysses code (its module or attention function, on a group of the in-process world),
 compiles it as a user would (`torch.compile` with `make_backend(chunks=2, inner="aot_eager")`), and
 asserts that the site is rewritten and that every output (and gradient, where the library has a
-backward that compiles) is `torch.equal` to the same compiler without HCMS. The versions are pinned in
-pyproject.toml's `test` extra and listed with each test's status in docs/libraries.md.
+backward that compiles) is `torch.equal` to the same compiler without HCMS. Gloo processes
+(`hcms_compile.spawn`) stand in where a library needs a real process group, and for `inner="inductor"`,
+whose compiled code cannot run on the in-process ranks. The versions are pinned in pyproject.toml's
+`libs` extra (part of `test`) and listed with each test's status in docs/libraries.md.
 
 A site the current pass does not rewrite is asserted all the same and marked `xfail(strict=True)` with
 the pass's own skip reason, so the test starts failing (and the mark must go) the day it is rewritten.
@@ -27,13 +29,13 @@ from torch.distributed._local_tensor import LocalTensor
 
 import hcms_compile
 from hcms_compile.backend import GraphReport
+from hcms_compile.report import SiteReport
 from hcms_compile.spawn import spawn_gloo
 from hcms_compile.testing import assert_equivalent, ranks
 from hcms_compile.testing.compiled import _inputs_in_order, compile_graphs, hcms_disabled
 from hcms_compile.testing.tracing import trace
 
 WORLD, B, S, H, D = 2, 2, 32, 4, 8  # 2 local heads per rank: chunks=2 gives 1+1 (x batch 2)
-
 
 
 def _full(shape: Sequence[int], seed: int) -> list[torch.Tensor]:
@@ -45,7 +47,7 @@ def _sharded(full: Sequence[torch.Tensor], seq_dim: int) -> list[LocalTensor]:
     return [ranks.shard(t, dim=seq_dim, world_size=WORLD) for t in full]
 
 
-def _attention_sites(report: GraphReport) -> list:
+def _attention_sites(report: GraphReport) -> list[SiteReport]:
     # AOTAutograd's backward graph also holds a recomputed forward attention whose result is unused
     # (the all-to-all's backward keeps only its shape); the zoo's graphs have it too: not a site
     sites = [s for s in report.sites if report.phase != "backward" or s.attention.endswith("_backward")]
