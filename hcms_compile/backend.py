@@ -51,7 +51,7 @@ import torch.fx
 from . import passes as passes_pkg
 from .api import ProfileSpec, rewrite_graph
 from .calibrate import agree, resolve_profile
-from .passes import ChunkSpec, validate_chunks
+from .passes import ChunkSpec, symbolic, validate_chunks
 from .passes.exactness import BITWISE, exactness_policy
 from .passes.ops import exchange_args, is_all_to_all
 from .passes.plan import AUTO, parse_chunks
@@ -73,16 +73,28 @@ class HcmsOptions:
     exact: str = BITWISE  # the exactness policy's name
     enabled: bool = True
     profile: DeviceProfile | None = None  # resolved (and agreed between ranks) for the graph's device
+    hints: tuple[int, ...] = ()  # example values of the symbolic sizes: what "auto" plans a dynamic graph at
 
     def key(self) -> str:
         chunks = list(self.chunks) if isinstance(self.chunks, (list, tuple)) else self.chunks
-        # the plan of "auto" depends on the profile: a cached graph planned with another must not be reused
-        profile = self.profile.to_json() if self.profile is not None and self.chunks == AUTO else None
-        return json.dumps({"chunks": chunks, "exact": self.exact, "enabled": self.enabled, "profile": profile},
-                          sort_keys=True)
+        # the plan of "auto" depends on the profile and, in a dynamic graph, on the compiling example's
+        # sizes (Inductor's cache keys symbolic sizes by name): a cached graph planned with others must
+        # not be reused, or a rank with a warm cache would run another plan than a cold one and hang
+        auto = self.chunks == AUTO
+        profile = self.profile.to_json() if self.profile is not None and auto else None
+        return json.dumps({"chunks": chunks, "exact": self.exact, "enabled": self.enabled, "profile": profile,
+                           "hints": list(self.hints) if auto else []}, sort_keys=True)
 
     def rewrite(self, graph: torch.fx.Graph) -> list[SiteReport]:
         return rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile)
+
+
+def _symbolic_hints(example_inputs: Sequence[Any]) -> tuple[int, ...]:
+    """The example's value of every symbolic size among the inputs (SymInt inputs and tensor dims)."""
+    values: list[Any] = []
+    for value in example_inputs:
+        values += list(value.shape) if isinstance(value, torch.Tensor) else [value]
+    return tuple(symbolic.hint(v) for v in values if symbolic.is_symbolic(v))
 
 
 def env_flag(name: str, environ: dict[str, str] | None = None) -> bool:
@@ -306,7 +318,7 @@ class HcmsBackend:
             log.info("hcms: HCMS_DISABLE is set; compiling without the pass")
         elif exchanges:
             profile = self._profile_for(example_inputs, _exchange_groups(exchanges), must_agree=options_.chunks == AUTO)
-            options_ = replace(options_, profile=profile)
+            options_ = replace(options_, profile=profile, hints=_symbolic_hints(example_inputs))
         if self.inner == "inductor":
             return self._inductor(gm, example_inputs, options_, patches)
         return self._aot_eager(gm, example_inputs, options_)

@@ -190,6 +190,29 @@ def test_explicit_chunks_do_not_depend_on_the_length(fake_group):
     assert sizes == [(1, 1), (1, 1)]
 
 
+def test_auto_keys_compiled_code_on_the_compiling_length(fake_group, monkeypatch):
+    # Inductor's caches key symbolic sizes by name: under "auto" the pass's own key must carry the
+    # length the plan was made at, or a rank with a warm cache would run another plan than a cold one
+    from hcms_compile.backend import HcmsBackend
+
+    keys: dict[str, list[str]] = {"auto": [], "explicit": []}
+    original = HcmsBackend._aot_eager
+
+    def spy(self, gm, example_inputs, options):
+        if options.hints:  # the second, symbolic compile (the first one has static shapes)
+            keys["auto" if options.chunks == "auto" else "explicit"].append(options.key())
+        return original(self, gm, example_inputs, options)
+
+    monkeypatch.setattr(HcmsBackend, "_aot_eager", spy)
+    fn = _attention(fake_group(WORLD))
+    for chunks in ("auto", (1, 1)):
+        for first in (16, 40):
+            backend = hcms_compile.make_backend(chunks=chunks, inner="aot_eager", exact="rounding")
+            _compile(fn, (first, first + 8), backend, None, train=False)
+    assert len(keys["auto"]) == 2 and len(set(keys["auto"])) == 2, keys["auto"]
+    assert len(keys["explicit"]) == 2 and len(set(keys["explicit"])) == 1, keys["explicit"]
+
+
 def test_a_symbolic_head_count_is_skipped_with_one_warning_per_compile(fake_group, caplog):
     group = fake_group(WORLD)
 
