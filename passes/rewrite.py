@@ -9,6 +9,9 @@ Terms
   that the slice is a view and the path's own copy (its `contiguous`) is the only copy.
 - annotation: `node.meta["hcms"] = {"site", "chunk", "role", "stream"}` on every new node; the
   stream is "comm" for all-to-alls and their waits, "compute" otherwise.
+- c10d exchange: make_fx's in-place `c10d.alltoall_base_` (see `ops.py`). Its chunks are
+  functional all-to-alls on the process group's name with a `wait_tensor` each; the buffer it
+  filled, which stood for its wait, is replaced by the reassembled result.
 
 Steps of `rewrite_site(graph, site, plan)`:
 1. For each chunk and each input exchange: slice at the slice point (or view the send buffer by
@@ -43,8 +46,10 @@ from .ops import (
     REGROUP,
     STACK,
     aten,
+    c10d,
     exchange_args,
     inplace_fill,
+    is_c10d_all_to_all,
     joined_by,
     layout_op,
     replace_attention_inputs,
@@ -119,9 +124,16 @@ class _SiteWriter:
         args = exchange_args(original)
         rows = self.atoms.shape(layout, override)[0]
         splits = [rows // self.site.world_size] * self.site.world_size
+        if is_c10d_all_to_all(original):
+            return self.emit.call(c10d.all_to_all_single.default, send, splits, splits, args.group)
         out_splits = splits if args.output_splits else args.output_splits
         in_splits = splits if args.input_splits else args.input_splits
         return self.emit.call(original.target, send, out_splits, in_splits, args.group)
+
+    def wait(self, a2a: Node, original: Node, original_wait: Node) -> Node:
+        """The wait on a new chunk exchange `a2a` that replaces `original` (waited by `original_wait`)."""
+        target = c10d.wait_tensor.default if is_c10d_all_to_all(original) else original_wait.target
+        return self.emit.call(target, a2a)
 
     # -- step 1 --------------------------------------------------------------------------------
     def send(self, ex: InputExchange, start: int, size: int, override: dict[Atom, int]) -> Node:
@@ -156,7 +168,7 @@ class _SiteWriter:
             a2a = self.exchange(send, ex.all_to_all, override, ex.send_layouts[ex.send_path[-1]])
             stages.send += self.tag(mark, c, "all_to_all", COMM)
             mark = self.mark()
-            mapping[ex.wait] = self.emit.call(ex.wait.target, a2a)
+            mapping[ex.wait] = self.wait(a2a, ex.all_to_all, ex.wait)
             stages.receive += self.tag(mark, c, "wait", COMM)
             mark = self.mark()
             self.replay(ex.receive, mapping, override)
@@ -194,7 +206,7 @@ class _SiteWriter:
             a2a = self.exchange(send, out.all_to_all, override, self.layouts[buffer])
             stages.attend += self.tag(mark, c, "output_all_to_all", COMM)
             mark = self.mark()
-            wait = self.emit.call(out.wait.target, a2a)
+            wait = self.wait(a2a, out.all_to_all, out.wait)
             stages.collect += self.tag(mark, c, "output_wait", COMM)
             mark = self.mark()
             self.collected[k].append(self.atom_view(wait, self.layouts[out.wait], out.head, override))
@@ -225,7 +237,8 @@ class _SiteWriter:
                 graph.erase_node(out.fill)
                 buffer.replace_all_uses_with(result)
                 graph.erase_node(buffer)
-            out.wait.replace_all_uses_with(result)
+            # a c10d exchange's buffer (its wait) is also its first argument: that use goes with it
+            out.wait.replace_all_uses_with(result, delete_user_cb=lambda user, out=out: user is not out.all_to_all)
         for escape, value in escaped.items():
             for user in escape.users:
                 user.replace_input_with(escape.node, value)
@@ -238,12 +251,12 @@ class _SiteWriter:
 def _erase_site(graph: Graph, site: Site) -> None:
     doomed: list[Node] = []
     for out in site.outputs:
-        doomed += [out.wait, out.all_to_all, *reversed(out.send_path)]
+        doomed += [*_exchange_nodes(out.all_to_all, out.wait), *reversed(out.send_path)]
     doomed += list(site.attention.users)
     doomed.append(site.attention)
     for ex in site.inputs:
         doomed += [ex.fill] if ex.fill is not None else []
-        doomed += [*reversed(ex.receive), ex.wait, ex.all_to_all]
+        doomed += [*reversed(ex.receive), *_exchange_nodes(ex.all_to_all, ex.wait)]
     for ex in site.inputs:
         doomed += reversed(ex.send_path[1:])
     erased: set[Node] = set()
@@ -254,6 +267,14 @@ def _erase_site(graph: Graph, site: Site) -> None:
             erased.add(node)
     if site.attention not in erased:
         raise RuntimeError(f"internal error: {site.attention.name} still has users after the rewrite")
+
+
+def _exchange_nodes(a2a: Node, wait: Node) -> list[Node]:
+    """An exchange's nodes in an order they can be erased in: a c10d exchange uses its buffer (the
+    wait) and the get_attr of its process group, a functional one is used by its wait."""
+    if is_c10d_all_to_all(a2a):
+        return [a2a, wait, *(n for n in a2a.all_input_nodes if n.op == "get_attr")]
+    return [wait, a2a]
 
 
 def rewrite_site(graph: Graph, site: Site, plan: ChunkPlan) -> None:
