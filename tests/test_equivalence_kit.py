@@ -122,3 +122,16 @@ def test_inductor_mode_needs_a_picklable_function():
     group = ranks.group(2)
     with pytest.raises(ValueError, match="must be picklable"):
         assert_equivalent(lambda q, k, v: _attention(q, k, v, group), [], world_size=2, inner="inductor")
+
+
+def test_inductor_mode_with_nothing_rewritten_is_not_a_pass():
+    # the comparison of the gloo ranks' steps (no processes needed): no rewritten site fails
+    from hcms_compile.backend import GraphReport
+    from hcms_compile.testing.equivalence import _compare_steps
+    from hcms_compile.testing.inductor import RankStep
+
+    x = torch.ones(2)
+    step = RankStep(([x], [x]), ([x], [x]), [GraphReport("forward", [])])
+    with pytest.raises(AssertionError, match="rewrote no site"):
+        _compare_steps(Check(_attention, [x]), [step, step])
+    assert _compare_steps(Check(_attention, [x], require_rewrite=False), [step, step]).compared == 2 * 2
