@@ -29,6 +29,7 @@ from tests.helpers import (
 
 
 def check_case(case, tracer: str) -> None:
+    event(f"layout {case.layout}")
     gm = trace(case.function(), case.example_inputs(), tracer)
     before = count_all_to_alls(gm) + sum(1 for n in gm.graph.nodes if is_c10d_all_to_all(n))
     result = hcms_compile.rewrite(gm, chunks=case.chunks)
