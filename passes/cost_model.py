@@ -132,8 +132,9 @@ def site_cost(site: Site) -> SiteCost:
         flops /= 2
     if site.op.backward:
         flops *= BACKWARD_FLOP_RATIO
-    input_bytes = tuple(_bytes(ex.all_to_all) for ex in site.inputs)
-    output_bytes = tuple(_bytes(ex.all_to_all) for ex in site.outputs)
+    # the wait holds the exchanged tensor (the buffer of make_fx's c10d exchange, whose own value is a Work)
+    input_bytes = tuple(_bytes(ex.wait) for ex in site.inputs)
+    output_bytes = tuple(_bytes(ex.wait) for ex in site.outputs)
     # the send path starts at its root, which is computed anyway: only the nodes after it are layout ops
     send_copy = sum(_copy_bytes(ex.send_path[1:], b) for ex, b in zip(site.inputs, input_bytes, strict=True))
     receive_copy = sum(_copy_bytes(ex.receive, b) for ex, b in zip(site.inputs, input_bytes, strict=True))

@@ -33,12 +33,13 @@ Steps of `match_sites(graph)`:
 3. Walk back from each per-head input through layout ops to a wait and its all-to-all (or call it
    local), and from each all-to-all's input to its root. A stack or cat of one tensor's pieces is a
    layout op (its pieces join the path), and the fresh buffer of an in-place exchange and its fill
-   stand for the wait. Check each receive node is used only on the way to attention (the
+   stand for the wait; so does the buffer a c10d exchange fills (make_fx), whose all-to-all is the
+   `c10d.alltoall_base_` itself. Check each receive node is used only on the way to attention (the
    attention's own inputs may also escape); a size query (`sym_size`) is no use, the rewrite
    recomputes it. When no per-head input arrives from an all-to-all, the reason names why: no
-   all-to-all in the graph, a graph input (graph break), make_fx's non-functional collective, a copy
-   that is no alias of the result, an op that is not a layout op, or a forward attention recomputed
-   in a backward graph.
+   all-to-all in the graph, a graph input (graph break), a c10d all-to-all not provably an exchange
+   (async, Work used, buffer not fresh or touched before), a copy that is no alias of the result, an
+   op that is not a layout op, or a forward attention recomputed in a backward graph.
 4. Follow the atoms from each root through the send path, the exchange and the receive tree; read
    the head atom at the input's head axis and prove: the destination-rank factor sits right above
    the head atom at the root (the exchange scatters heads) and the source-rank factor leads the
@@ -84,9 +85,14 @@ from .ops import (
     AttentionOp,
     attention_args,
     attention_op,
+    c10d_exchange,
+    c10d_unproven,
+    c10d_writer,
     exchange_args,
     inplace_fill,
     is_all_to_all,
+    is_c10d_all_to_all,
+    is_exchange,
     is_wait,
     join_pieces,
     joined_by,
@@ -464,13 +470,17 @@ class _Matcher:
         return unexchanged.get(first, "no per-head input arrives from an all-to-all")
 
     def _walk_back(self, name: str, node: Node) -> tuple[Node, Node, list[Node]]:
-        """From q, k or v back through layout ops to the wait that completes an all-to-all."""
+        """From q, k or v back through layout ops to the wait that completes an all-to-all (or the
+        buffer a c10d all-to-all fills, which stands for its wait)."""
         path: list[Node] = []
         while True:
             item = unbind_item(node)
             if item is not None:
                 path.append(node)
                 node = item[0]
+            writer = c10d_exchange(node)
+            if writer is not None:
+                return writer, node, path
             fill = inplace_fill(node)
             if fill is not None:
                 path += [node, fill, fill.args[0]]  # the buffer and its fill both stand for the wait
@@ -551,7 +561,7 @@ class _Matcher:
     # -- step 4 --------------------------------------------------------------------------------
     def _input_exchange(self, a2a: Node, wait: Node, feeds: list[str], nodes: set[Node],
                         heads: dict[str, Node], world: int) -> InputExchange:
-        if len(a2a.users) != 1:
+        if not is_c10d_all_to_all(a2a) and len(a2a.users) != 1:
             raise NoMatch(f"{a2a.name} has {len(a2a.users)} users; expected one wait (its result is read unwaited, "
                       "or waited more than once)")
         if any(self.op.head_params[name] != -3 for name in feeds):
@@ -572,7 +582,7 @@ class _Matcher:
         fills = {inplace_fill(n) for n in receive} - {None}
         if len(fills) > 1 or (fills and next(iter(fills)).args[1] is not wait):
             raise NoMatch(f"{a2a.name}'s result is copied into more than one buffer")
-        allowed = set(receive) | fills | {self.attention}
+        allowed = set(receive) | fills | {self.attention, a2a}  # a c10d all-to-all uses its buffer (the wait)
         terminals = {heads[name] for name in feeds}  # the attention's own inputs may escape
         for node in {wait, *receive} - terminals:
             outside = [u.name for u in node.users if u not in allowed and not is_size_query(u)]
@@ -742,7 +752,7 @@ class _Matcher:
         if found is None:
             return None
         path, end = found
-        if not is_all_to_all(end):
+        if not is_exchange(end):
             return self._stacked_exchange(end, first, heads, group, world)
         if source not in self.layouts:
             self.layouts[source], self._heads_out[source] = self._mirror(source, first, heads,
@@ -755,7 +765,7 @@ class _Matcher:
         """The layout ops from `node` on, starting at its use `user`, and the all-to-all (or the stack
         of several tensors) that ends them; None when they lead elsewhere."""
         path: list[Node] = []
-        while not is_all_to_all(user):
+        while not is_exchange(user):
             join = _private_join(node, user)
             if join is not None:  # a stack or cat of `node`'s pieces: follow the join from `node`
                 path += join_pieces(join)
@@ -766,8 +776,8 @@ class _Matcher:
             if step is None or step.source is not node or step.kind == UNBIND:
                 return None
             path.append(user)
-            onward = [u for u in user.users
-                      if inplace_fill(u) is None and not _later_piece(user, u) and not is_size_query(u)]
+            onward = [u for u in user.users if inplace_fill(u) is None and c10d_exchange(u) is None
+                      and not _later_piece(user, u) and not is_size_query(u)]
             if len(onward) != 1:
                 if any(is_all_to_all(u) for u in _reachable(user)):
                     raise NoMatch(f"the path from {what} to an all-to-all branches at {user.name}")
@@ -786,7 +796,7 @@ class _Matcher:
     def _prove_stacked(self, stack: Node, first: InputExchange, heads: dict[str, Node], group: Any,
                        world: int) -> OutputExchange | None:
         what = f"the attention outputs {stack.name} stacks"
-        onward = [u for u in stack.users if inplace_fill(u) is None]
+        onward = [u for u in stack.users if inplace_fill(u) is None and c10d_exchange(u) is None]
         if len(onward) != 1:
             if any(is_all_to_all(u) for u in _reachable(stack)):
                 raise NoMatch(f"the path from {what} to an all-to-all branches at {stack.name}")
@@ -795,7 +805,7 @@ class _Matcher:
         if found is None:
             return None  # not on the way to an exchange: the stacked outputs escape
         after, a2a = found
-        if not is_all_to_all(a2a):
+        if not is_exchange(a2a):
             raise NoMatch(f"{what} are stacked again by {a2a.name} before the all-to-all")
         sources, before = self._stacked_sources(stack)
         shapes = {shape_of(node) for _, node in sources}
@@ -879,8 +889,11 @@ class _Matcher:
         if args.group != group:
             raise NoMatch("the output all-to-all uses another process group than the inputs")
         _check_equal_splits(args, shape_of(args.input), world)
-        wait = next(iter(a2a.users)) if len(a2a.users) == 1 else None
-        if wait is None or not is_wait(wait):
+        if is_c10d_all_to_all(a2a):
+            wait = a2a.args[0]  # `is_exchange` proved that its buffer holds the result after it
+        else:
+            wait = next(iter(a2a.users)) if len(a2a.users) == 1 else None
+        if wait is None or not (is_wait(wait) or is_c10d_all_to_all(a2a)):
             raise NoMatch(f"{a2a.name} is not followed by a single wait")
         if fill is not None and fill.args[1] is not wait:
             raise NoMatch(f"{a2a.name}'s result is not what fills its in-place buffer")
@@ -919,13 +932,19 @@ def _not_exchanged(name: str, node: Node, feeds_exchange: bool) -> str:
     if node.op == "placeholder" and feeds_exchange:
         return (f"{name} is a graph input: the all-to-all is in another graph (graph break?); compile with "
                 "fullgraph=True or remove the break")
+    writer = c10d_writer(node)
+    if writer is not None:
+        return (f"{name} reads {node.name}, the buffer c10d.alltoall_base_ ({writer.name}) writes in place "
+                f"{c10d_unproven(writer)}: HCMS rewrites make_fx's record of dist.all_to_all_single(out, x) only "
+                "when it runs synchronously into a fresh buffer of x's shape and dtype that nothing touches before "
+                "it; do that, trace with torch.compile or torch.export (they functionalise it), or call "
+                "torch.distributed._functional_collectives.all_to_all_single")
     writers = [u for u in node.users if node in mutated_args(u) and _namespace(u) == "c10d"]
     if writers:
         op = f"{_namespace(writers[0])}.{target_name(writers[0])}"
         return (f"{name} reads {node.name}, the buffer {op} ({writers[0].name}) writes in place: make_fx records "
-                "dist.all_to_all_single as this non-functional collective, which HCMS does not rewrite; trace with "
-                "torch.compile or torch.export (they functionalise it), or call "
-                "torch.distributed._functional_collectives.all_to_all_single")
+                "this non-functional collective, which HCMS does not rewrite; trace with torch.compile or "
+                "torch.export (they functionalise it), or use a functional collective")
     # the walk stopped at a buffer an exchange's result is copied into, or at that copy itself
     copies = [u for u in (node, *node.users) if target_name(u) in ("copy_", "copy") and len(u.args) > 1
               and isinstance(u.args[1], Node) and is_wait(u.args[1]) and (u is node or u.args[0] is node)]
@@ -956,6 +975,8 @@ def _reaches_exchange(node: Node) -> bool:
         item = unbind_item(node)
         if item is not None:
             node = item[0]
+        if c10d_exchange(node) is not None:
+            return True
         fill = inplace_fill(node)
         if fill is not None:
             node = fill.args[1]

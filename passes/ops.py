@@ -15,6 +15,12 @@ Terms
 - in-place exchange: a collective whose result a fresh buffer (`empty_like`, `zeros_like`,
   `new_empty`, ...) receives by `copy_` (Dynamo, export) or by the functional `copy`
   (AOTAutograd); `inplace_fill` finds the fill.
+- c10d exchange: make_fx records `dist.all_to_all_single(out, x)` as the non-functional
+  `c10d.alltoall_base_(out, x, <ProcessGroup>, out_splits, in_splits, async_op)`, which writes `out`
+  and returns a Work handle no node waits on. When it runs synchronously into a fresh buffer of the
+  sent tensor's shape and dtype that nothing touches before it, the buffer after it holds the
+  exchanged tensor: the buffer stands for the wait (`c10d_exchange`), and the rewrite emits
+  functional all-to-alls on the process group's name in its place.
 
 Steps of `layout_op(node)`:
 1. Normalise the target to a name (`aten.view.default`, `torch.reshape` and `x.reshape()` are all
@@ -373,14 +379,81 @@ class ExchangeArgs:
     input: Node
     output_splits: Any
     input_splits: Any
-    group: Any
+    group: Any  # the group name (a c10d exchange's process group object is resolved to its name)
 
 
 def exchange_args(node: Node) -> ExchangeArgs:
+    if is_c10d_all_to_all(node):
+        names = ("output", "input", "process_group", "output_split_sizes", "input_split_sizes")
+        values = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        return ExchangeArgs(values["input"], values["output_split_sizes"], values["input_split_sizes"],
+                            _group_name(values["process_group"]))
     names = ("input", "output_split_sizes", "input_split_sizes", "group_name")
     values = dict(zip(names, node.args, strict=False))
     values.update(node.kwargs)
     return ExchangeArgs(*(values[name] for name in names))
+
+
+def is_c10d_all_to_all(node: Node) -> bool:
+    """make_fx's record of `dist.all_to_all_single(out, x)`: `c10d.alltoall_base_`, in place on `out`."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name == "c10d::alltoall_base_"
+    return isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name == "c10d::alltoall_base_"
+
+
+def is_exchange(node: Node) -> bool:
+    """A functional all-to-all, or a c10d one that `c10d_exchange` proves fills its buffer."""
+    return is_all_to_all(node) or (is_c10d_all_to_all(node) and c10d_exchange(node.args[0]) is node)
+
+
+def _group_name(group: Any) -> Any:
+    """The name of the process group a c10d op's argument holds (make_fx keeps the group as a
+    get_attr of a torchbind object); the argument itself when it cannot be read here, so that
+    resolving it later fails with a reason."""
+    obj = group
+    if isinstance(group, Node) and group.op == "get_attr" and group.graph.owning_module is not None:
+        obj = getattr(group.graph.owning_module, str(group.target), group)
+    try:
+        from torch._C._distributed_c10d import ProcessGroup
+
+        return ProcessGroup.unbox(obj).group_name if isinstance(obj, torch.ScriptObject) else obj.group_name
+    except Exception:  # noqa: BLE001 - no distributed build, or not a process group
+        return group
+
+
+def c10d_writer(buffer: Node) -> Node | None:
+    """The c10d all-to-all that writes `buffer` in place, if one does."""
+    return next((u for u in buffer.users if is_c10d_all_to_all(u) and u.args[0] is buffer), None)
+
+
+def c10d_exchange(buffer: Node) -> Node | None:
+    """The `c10d.alltoall_base_` whose result `buffer` provably holds after it (see the module
+    docstring), or None; `c10d_unproven` says why not."""
+    writer = c10d_writer(buffer) if isinstance(buffer, Node) else None
+    return writer if writer is not None and c10d_unproven(writer) is None else None
+
+
+def c10d_unproven(op: Node) -> str | None:
+    """Why the buffer of c10d all-to-all `op` is not provably its exchanged tensor; None when it is."""
+    names = ("output", "input", "process_group", "output_split_sizes", "input_split_sizes", "async_op")
+    values = dict(zip(names, op.args, strict=False)) | dict(op.kwargs)
+    buffer, sent = values["output"], values["input"]
+    if values.get("async_op", True) is not False:
+        return "with async_op=True: make_fx records no wait on its Work, so the graph does not say when it is filled"
+    if op.users:
+        return "and its Work handle is used"
+    if not _is_fresh(buffer):
+        return f"but {buffer.name} is not a fresh buffer (empty_like, zeros_like, new_empty, ...)"
+    have, want = (n.meta.get("val", n.meta.get("example_value")) for n in (buffer, sent))
+    if getattr(have, "shape", None) != getattr(want, "shape", None) or _dtype(buffer) != _dtype(sent):
+        return "but the buffer has another shape or dtype than the sent tensor"
+    order = {n: i for i, n in enumerate(op.graph.nodes)}
+    if any(order[u] < order[op] or (u is not op and buffer in mutated_args(u)) for u in buffer.users):
+        return "but the buffer is read or written before the exchange fills it, or written again after it"
+    return None
 
 
 # -- attention --------------------------------------------------------------------------------

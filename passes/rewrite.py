@@ -10,6 +10,9 @@ Terms
 - annotation: `node.meta["hcms"] = {"site", "chunk", "role", "stream"}` on every new node; the
   stream is "comm" for all-to-alls and their waits, "compute" otherwise. Symbolic size arguments
   (role "size") serve every chunk, so their chunk is None.
+- c10d exchange: make_fx's in-place `c10d.alltoall_base_` (see `ops.py`). Its chunks are
+  functional all-to-alls on the process group's name with a `wait_tensor` each; the buffer it
+  filled, which stood for its wait, is replaced by the reassembled result.
 
 Steps of `rewrite_site(graph, site, plan)`:
 1. For each chunk and each input exchange: slice at the slice point (or view the send buffer by
@@ -49,8 +52,10 @@ from .ops import (
     REGROUP,
     STACK,
     aten,
+    c10d,
     exchange_args,
     inplace_fill,
+    is_c10d_all_to_all,
     joined_by,
     layout_op,
     replace_attention_inputs,
@@ -128,9 +133,16 @@ class _SiteWriter:
         rows = self.atoms.shape(layout, override)[0]
         # a symbolic row count (a flattened buffer holding the sequence) gives split sizes as nodes
         splits = self.emit.size_args([symbolic.size(rows // self.site.world_size)] * self.site.world_size)
+        if is_c10d_all_to_all(original):
+            return self.emit.call(c10d.all_to_all_single.default, send, splits, splits, args.group)
         out_splits = splits if args.output_splits else args.output_splits
         in_splits = splits if args.input_splits else args.input_splits
         return self.emit.call(original.target, send, out_splits, in_splits, args.group)
+
+    def wait(self, a2a: Node, original: Node, original_wait: Node) -> Node:
+        """The wait on a new chunk exchange `a2a` that replaces `original` (waited by `original_wait`)."""
+        target = c10d.wait_tensor.default if is_c10d_all_to_all(original) else original_wait.target
+        return self.emit.call(target, a2a)
 
     # -- step 1 --------------------------------------------------------------------------------
     def send(self, ex: InputExchange, start: int, size: int, override: dict[Atom, int]) -> Node:
@@ -165,7 +177,7 @@ class _SiteWriter:
             a2a = self.exchange(send, ex.all_to_all, override, ex.send_layouts[ex.send_path[-1]])
             stages.send += self.tag(mark, c, "all_to_all", COMM)
             mark = self.mark()
-            mapping[ex.wait] = self.emit.call(ex.wait.target, a2a)
+            mapping[ex.wait] = self.wait(a2a, ex.all_to_all, ex.wait)
             stages.receive += self.tag(mark, c, "wait", COMM)
             mark = self.mark()
             self.replay(ex.receive, mapping, override)
@@ -203,7 +215,7 @@ class _SiteWriter:
             a2a = self.exchange(send, out.all_to_all, override, self.layouts[buffer])
             stages.attend += self.tag(mark, c, "output_all_to_all", COMM)
             mark = self.mark()
-            wait = self.emit.call(out.wait.target, a2a)
+            wait = self.wait(a2a, out.all_to_all, out.wait)
             stages.collect += self.tag(mark, c, "output_wait", COMM)
             mark = self.mark()
             self.collected[k].append(self.atom_view(wait, self.layouts[out.wait], out.head, override))
@@ -235,7 +247,8 @@ class _SiteWriter:
                 graph.erase_node(out.fill)
                 buffer.replace_all_uses_with(result)
                 graph.erase_node(buffer)
-            out.wait.replace_all_uses_with(result)
+            # a c10d exchange's buffer (its wait) is also its first argument: that use goes with it
+            out.wait.replace_all_uses_with(result, delete_user_cb=lambda user, out=out: user is not out.all_to_all)
         for escape, value in escaped.items():
             for user in escape.users:
                 user.replace_input_with(escape.node, value)
@@ -273,12 +286,12 @@ def _site_nodes(site: Site) -> list[Node]:
     """The nodes the rewrite replaces (send paths only where nothing else uses them)."""
     nodes: list[Node] = []
     for out in site.outputs:
-        nodes += [out.wait, out.all_to_all, *reversed(out.send_path)]
+        nodes += [*_exchange_nodes(out.all_to_all, out.wait), *reversed(out.send_path)]
     nodes += list(site.attention.users)
     nodes.append(site.attention)
     for ex in site.inputs:
         nodes += [ex.fill] if ex.fill is not None else []
-        nodes += [*reversed(ex.receive), ex.wait, ex.all_to_all]
+        nodes += [*reversed(ex.receive), *_exchange_nodes(ex.all_to_all, ex.wait)]
     for ex in site.inputs:
         nodes += reversed(ex.send_path[1:])
     return nodes
@@ -293,6 +306,14 @@ def _erase_site(graph: Graph, site: Site) -> None:
             erased.add(node)
     if site.attention not in erased:
         raise RuntimeError(f"internal error: {site.attention.name} still has users after the rewrite")
+
+
+def _exchange_nodes(a2a: Node, wait: Node) -> list[Node]:
+    """An exchange's nodes in an order they can be erased in: a c10d exchange uses its buffer (the
+    wait) and the get_attr of its process group, a functional one is used by its wait."""
+    if is_c10d_all_to_all(a2a):
+        return [a2a, wait, *(n for n in a2a.all_input_nodes if n.op == "get_attr")]
+    return [wait, a2a]
 
 
 def rewrite_site(graph: Graph, site: Site, plan: ChunkPlan) -> None:

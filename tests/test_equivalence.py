@@ -3,20 +3,21 @@
 Each example draws a Ulysses case (world size, batch, local heads, tokens per rank, head dim,
 dtype, causal, layout, chunk spec), traces the layout's attention, rewrites it and runs both graphs
 on all ranks in one process with LocalTensorMode. Every layout of the zoo is drawn on every front
-end, except that make_fx records the in-place `dist_inplace` as a non-functional c10d collective,
-a skip with its own reason (tests/test_skips.py). A site left alone must leave the graph exactly as
-it was (`assert_untouched`).
+end, the in-place `dist_inplace` included (make_fx, fake or real, records it as the non-functional
+c10d.alltoall_base_; the others functionalise it). A site left alone must leave the graph exactly
+as it was (`assert_untouched`).
 """
 
 from __future__ import annotations
 
 import torch
+from hcms_compile.passes.ops import is_c10d_all_to_all
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 import hcms_compile
 from hcms_compile.testing.layouts import LAYOUTS
-from hcms_compile.testing.strategies import FUNCTIONAL_LAYOUTS, UlyssesCase, ulysses_cases
+from hcms_compile.testing.strategies import UlyssesCase, ulysses_cases
 from hcms_compile.testing.tracing import trace
 from tests.helpers import (
     assert_bitwise_on_ranks,
@@ -28,8 +29,9 @@ from tests.helpers import (
 
 
 def check_case(case, tracer: str) -> None:
+    event(f"layout {case.layout}")
     gm = trace(case.function(), case.example_inputs(), tracer)
-    before = count_all_to_alls(gm)
+    before = count_all_to_alls(gm) + sum(1 for n in gm.graph.nodes if is_c10d_all_to_all(n))
     result = hcms_compile.rewrite(gm, chunks=case.chunks)
     assert_untouched(gm, result)
     (site,) = result.sites
@@ -50,7 +52,9 @@ def check_case(case, tracer: str) -> None:
     assert site.world_size == case.world_size
     assert site.local_heads == case.local_heads
     assert sum(site.chunk_sizes) == case.local_heads and len(site.chunk_sizes) == case.chunk_count
-    # one exchange per input all-to-all and one output exchange, per chunk
+    # one exchange per input all-to-all and one output exchange, per chunk (make_fx's c10d exchanges
+    # become functional ones)
+    assert not any(is_c10d_all_to_all(n) for n in result.graph_module.graph.nodes)
     assert count_all_to_alls(result.graph_module) == before * case.chunk_count
     assert_bitwise_on_ranks(gm, result.graph_module, case)
 
@@ -87,7 +91,7 @@ def test_aot_forward_graphs_keep_their_bits(case):
     check_case(case, "aot")
 
 
-@given(st.sampled_from(FUNCTIONAL_LAYOUTS), st.sampled_from([(1, 3, 1), 2, (4, 1), 5]),
+@given(st.sampled_from(tuple(LAYOUTS)), st.sampled_from([(1, 3, 1), 2, (4, 1), 5]),
        st.sampled_from([torch.float32, torch.bfloat16]))
 @examples(20)
 def test_explicit_uneven_chunks_on_every_layout(layout, chunks, dtype):

@@ -123,10 +123,10 @@ def _unused(gm: torch.fx.GraphModule) -> int:
 
 
 # Dynamo keeps `out.copy_(result)` and reads `out`; export reads copy_'s result; AOTAutograd
-# functionalises it into `copy(out, result)`. make_fx records the non-functional c10d collective
-# instead: a skip with its own reason (tests/test_skips.py), so that pair is not drawn here.
+# functionalises it into `copy(out, result)`; make_fx (fake and real) records the non-functional
+# c10d.alltoall_base_ writing `out`, whose chunks become functional all-to-alls.
 FRONT_ENDS = [(name, tracer) for name in ("dist_inplace", "stack_cat", "stack_chunk")
-              for tracer in ("make_fx", "export", "dynamo", "aot") if (name, tracer) != ("dist_inplace", "make_fx")]
+              for tracer in ("make_fx", "make_fx_real", "export", "dynamo", "aot")]
 
 
 @pytest.mark.parametrize(("name", "tracer"), FRONT_ENDS)
@@ -137,8 +137,9 @@ def test_in_place_and_stack_cat_layouts_are_rewritten_bitwise_by_every_front_end
     (site,) = result.sites
     assert site.rewritten and site.chunk_sizes == (2, 1), site.reason
     assert_bitwise_on_ranks(gm, result.graph_module, case)
-    left = [n for n in result.graph_module.graph.nodes if target_name(n) in ("empty_like", "copy", "copy_")]
-    assert not left, f"the in-place buffers and fills of the site should be gone: {left}"
+    left = [n for n in result.graph_module.graph.nodes
+            if target_name(n) in ("empty_like", "copy", "copy_", "alltoall_base_") or n.op == "get_attr"]
+    assert not left, f"the in-place buffers, fills and c10d exchanges of the site should be gone: {left}"
     assert _unused(result.graph_module) <= _unused(gm), "the rewrite left pieces of a stack or cat behind"
 
 

@@ -569,16 +569,94 @@ def test_graph_break_between_exchange_and_attention_names_the_break():
     assert result.graph_module.code == gm.code
 
 
-def test_make_fx_of_the_in_place_collective_says_how_to_trace_it():
+@pytest.mark.parametrize("tracer", ["make_fx", "make_fx_real"])
+def test_make_fx_of_the_in_place_collective_is_rewritten(tracer):
     # make_fx records dist.all_to_all_single(out, x) as the non-functional c10d.alltoall_base_, which
-    # writes `out` and returns a Work handle; Dynamo, export and AOTAutograd functionalise it instead
+    # writes `out` and returns a Work handle nothing waits on; its chunks become functional all-to-alls
     g = ranks.group(P)
 
     def fn(q, k, v):
         return attn_dist_inplace(q, k, v, g)
 
-    result = _skipped(fn, "the buffer c10d.alltoall_base_ (alltoall_base_) writes in place")
-    assert "trace with torch.compile or torch.export" in result.sites[0].reason
+    _rewritten(fn, tracer=tracer)
+
+
+def _in_place_exchange(exchange):
+    """The funcol layout with each all-to-all done by `exchange(send, group)` (a dist.all_to_all_single)."""
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        return funcol_out(F.scaled_dot_product_attention(*(funcol_in(t, g, exchange) for t in (q, k, v))), g)
+
+    return fn
+
+
+def _async(send, group):
+    out = torch.empty_like(send)
+    dist.all_to_all_single(out, send, group=group, async_op=True).wait()
+    return out
+
+
+def _zeroed_first(send, group):
+    out = torch.empty_like(send)
+    out.zero_()  # the buffer the exchange writes is zero_'s result, not a fresh buffer
+    dist.all_to_all_single(out, send, group=group)
+    return out
+
+
+READS: list[torch.Tensor] = []
+
+
+def _read_before(send, group):
+    out = torch.empty_like(send)
+    READS.append(out.sum())  # read before the exchange fills it (the function returns it)
+    dist.all_to_all_single(out, send, group=group)
+    return out
+
+
+def _uneven(send, group):
+    out = torch.empty_like(send)
+    rows = send.shape[0]
+    dist.all_to_all_single(out, send, [rows // P] * P, [rows // P] * P, group=group)
+    return out
+
+
+def _uneven_split_sizes(send, group):
+    # rows are P blocks, so uneven sizes of the same total give the buffer a shape HCMS cannot prove
+    flat = send.flatten()
+    out = torch.empty_like(flat)
+    n = flat.numel()
+    dist.all_to_all_single(out, flat, [n // 4, n - n // 4], [n // 4, n - n // 4], group=group)
+    return out.view(send.shape)
+
+
+MAKE_FX_HINT = ("HCMS rewrites make_fx's record of dist.all_to_all_single(out, x) only when it runs synchronously "
+                "into a fresh buffer of x's shape and dtype that nothing touches before it")
+
+
+@pytest.mark.parametrize(("exchange", "reason"), [
+    (_async, "writes in place with async_op=True: make_fx records no wait on its Work"),
+    (_zeroed_first, "writes in place but zero_ is not a fresh buffer"),
+    (_read_before, "writes in place but the buffer is read or written before the exchange fills it"),
+])
+def test_make_fx_of_an_unproven_in_place_collective_says_why(exchange, reason):
+    fn = _in_place_exchange(exchange)
+
+    def with_reads(q, k, v):
+        READS.clear()
+        return fn(q, k, v), *READS
+
+    result = _skipped(with_reads, reason)
+    site_reason = result.sites[0].reason
+    assert MAKE_FX_HINT in site_reason and "trace with torch.compile or torch.export" in site_reason, site_reason
+
+
+def test_make_fx_of_the_in_place_collective_with_explicit_even_splits_is_rewritten():
+    _rewritten(_in_place_exchange(_uneven))
+
+
+def test_make_fx_of_the_in_place_collective_with_uneven_splits_is_a_skip():
+    _skipped(_in_place_exchange(_uneven_split_sizes), "uneven all-to-all split sizes")
 
 
 def _into_buffer(make_buffer):

@@ -1,8 +1,8 @@
 """Hypothesis strategies that draw Ulysses attention cases and chunk specs.
 
 - `ulysses_cases`: world size, batch, heads, tokens, head dim, dtype, causal, layout and a chunk
-  split (uneven ones included), over the functional layouts in `layouts.py` by default; pass
-  `layouts=tuple(LAYOUTS)` to draw the in-place `dist_inplace` too (Dynamo, export, AOTAutograd).
+  split (uneven ones included), over every layout in `layouts.py` (the in-place `dist_inplace`
+  included: every front end's form of it is rewritten) or those named by `layouts=`.
 - `variant_cases`: the same in the funcol layout, plus KV heads (grouped, or fewer than the ranks),
   how attention sees them (`enable_gqa` or repeated), a mask kind and a scale (`variants.py`).
 """
@@ -20,10 +20,6 @@ from torch.distributed._local_tensor import LocalTensor
 from . import ranks
 from .layouts import LAYOUTS, Layout
 from .variants import KV_STYLES, MASKS, Variant, attn_variant, valid_kv_heads
-
-# the layouts every front end rewrites: make_fx records the in-place one (dist_inplace) as the
-# non-functional c10d collective, which the pass leaves alone with a reason
-FUNCTIONAL_LAYOUTS = tuple(name for name, lay in LAYOUTS.items() if lay.functional)
 
 
 @dataclass(frozen=True)
@@ -130,7 +126,7 @@ def chunk_specs(local_heads: int, min_chunks: int = 2) -> st.SearchStrategy[int 
 @st.composite
 def ulysses_cases(
     draw: st.DrawFn,
-    layouts: Sequence[str] = FUNCTIONAL_LAYOUTS,
+    layouts: Sequence[str] = tuple(LAYOUTS),
     max_world: int = ranks.MAX_RANKS,
     max_local_heads: int = 8,
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
