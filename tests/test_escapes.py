@@ -12,6 +12,7 @@ from hcms_compile.passes.match import match_sites
 
 import hcms_compile
 from hcms_compile.testing import assert_equivalent, ranks
+from hcms_compile.testing.layouts import _a2a_inplace
 from hcms_compile.testing.layouts import _funcol_out as funcol_out
 from hcms_compile.testing.strategies import UlyssesCase
 from hcms_compile.testing.tracing import trace
@@ -77,6 +78,21 @@ def test_the_wait_result_used_outside_is_reassembled(tracer):
     _assert_rewritten_bitwise(fn, _case(), escapes=1, tracer=tracer)
 
 
+@pytest.mark.parametrize("tracer", ["export", "dynamo", "aot"])
+def test_the_buffer_an_in_place_exchange_fills_used_outside_is_reassembled(tracer):
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        b, s, h, d = q.shape
+        send = q.reshape(b, s, P, h // P, d).permute(2, 0, 1, 3, 4).contiguous()
+        recv = _a2a_inplace(send, g)  # torch.empty_like(send) filled by dist.all_to_all_single
+        k, v = (_heads_first(_receive(t, g)) for t in (k, v))
+        o = F.scaled_dot_product_attention(_heads_first(recv), k, v)
+        return funcol_out(o, g), recv
+
+    _assert_rewritten_bitwise(fn, _case(), escapes=1, tracer=tracer)
+
+
 def test_a_wait_whose_heads_share_dim_0_with_the_source_rank_is_reassembled_on_the_head_atom():
     g = ranks.group(P)
 
@@ -124,6 +140,23 @@ def test_repeated_keys_and_values_and_the_exchanged_ones_before_the_repeat_are_r
         return funcol_out(o, g), k, v, grouped
 
     _assert_rewritten_bitwise(fn, case, escapes=3, tracer=tracer)
+
+
+def test_exchanged_keys_returned_beside_their_repeat_train_bitwise():
+    g = ranks.group(P)
+    case = _case(kv_heads=4)
+
+    def fn(q, k, v):
+        q = _heads_first(_receive(q, g))
+        k, v = (_heads_first(_receive(t, g)) for t in (k, v))
+        o = F.scaled_dot_product_attention(q, _repeat(k, 2), _repeat(v, 2))
+        return funcol_out(o, g), k * 1.0, v
+
+    result = assert_equivalent(fn, case.sharded_inputs(), world_size=P, chunks=2)
+    (forward,) = [s for s in result.graphs[0].sites]
+    assert forward.rewritten, forward.reason
+    (backward,) = [s for s in result.graphs[1].sites if s.attention.endswith("_backward")]
+    assert backward.rewritten, backward.reason
 
 
 def test_an_expanded_view_used_outside_is_left_alone():
