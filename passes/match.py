@@ -611,9 +611,10 @@ class _Matcher:
         if count != 1:
             raise NoMatch(f"{where}, and its layout holds the local-head factor {count} times, so its chunks cannot "
                           "be concatenated back into it")
-        if _overlapping(value_of(node)):
-            raise NoMatch(f"{where}, and it is an expanded view (elements share memory) that a reassembled copy "
-                          "cannot take the strides of; let those users read the repeated tensor instead")
+        if _overlapping(node):
+            raise NoMatch(f"{where}, and it is an expanded view (elements share memory, or its strides are not "
+                          "known) that a reassembled copy cannot take the strides of; let those users read the "
+                          "repeated tensor instead")
         return Escape(node, None, users, None, head)
 
     def _head_atom(self, node: Node, name: str, dest: tuple[Atom, ...]) -> Atom:
@@ -980,9 +981,14 @@ def _reaches_exchange(node: Node) -> bool:
         node = step.source
 
 
-def _overlapping(val: Any) -> bool:
-    """Whether elements of `val` share memory (an expanded view, a stride 0): no copy has its strides."""
-    dims = sorted((int(st), int(sz)) for sz, st in zip(val.shape, val.stride(), strict=True) if sz != 1)
+def _overlapping(node: Node) -> bool:
+    """Whether elements of `node`'s tensor share memory (an expanded view, a stride 0): no copy has its
+    strides. Unknown or symbolic strides count as overlapping: nothing proves otherwise."""
+    val = value_of(node)
+    stride = val.stride() if hasattr(val, "stride") else getattr(node.meta.get("tensor_meta"), "stride", None)
+    if stride is None or not all(isinstance(s, int) for s in stride):
+        return True
+    dims = sorted((st, sz) for sz, st in zip(shape_of(node), stride, strict=True) if sz != 1)
     span = 1
     for stride, size in dims:
         if stride < span:
