@@ -13,8 +13,10 @@ Terms
 - output exchange: an all-to-all that takes attention outputs back to sequence sharding: one output,
   or several stacked into one buffer (the backward of a fused qkv exchange sends dq, dk, dv with one
   all-to-all). Stacked outputs share one head atom; the stack adds a slot factor.
-- escape: a per-head attention input or output also used outside the site (AOTAutograd saves q, k,
-  v, out and log-sum-exp for the backward); the rewrite concatenates the chunks' values for it.
+- escape: a per-head attention input or output, or a node of a receive tree (the wait included),
+  also used outside the site (AOTAutograd saves q, k, v, out and log-sum-exp for the backward, and
+  the exchanged keys and values before their repeat); the rewrite concatenates the chunks' values
+  for it: on the head axis, or, for a receive node, on the head atom of its layout.
 - head atom: the factor (see `layout.py`) that indexes the attention's local heads; chunking cuts it.
 - KV group: how many consecutive query heads read one exchanged KV head, under grouped-query
   attention (`enable_gqa`, or an ATen flash kernel given fewer KV heads) or because keys and values
@@ -34,16 +36,20 @@ Steps of `match_sites(graph)`:
    local), and from each all-to-all's input to its root. A stack or cat of one tensor's pieces is a
    layout op (its pieces join the path), and the fresh buffer of an in-place exchange and its fill
    stand for the wait; so does the buffer a c10d exchange fills (make_fx), whose all-to-all is the
-   `c10d.alltoall_base_` itself. Check each receive node is used only on the way to attention (the
-   attention's own inputs may also escape); a size query (`sym_size`) is no use, the rewrite
-   recomputes it. When no per-head input arrives from an all-to-all, the reason names why: no
-   all-to-all in the graph, a graph input (graph break), a c10d all-to-all not provably an exchange
-   (async, Work used, buffer not fresh or touched before), a copy that is no alias of the result, an
-   op that is not a layout op, or a forward attention recomputed in a backward graph.
+   `c10d.alltoall_base_` itself. Receive nodes also used elsewhere are escapes, proven in step 4; a
+   size query (`sym_size`) is no use, the rewrite recomputes it. When no per-head input arrives from
+   an all-to-all, the reason names why: no all-to-all in the graph, a graph input (graph break), a
+   c10d all-to-all not provably an exchange (async, Work used, buffer not fresh or touched before), a
+   copy that is no alias of the result, an op that is not a layout op, or a forward attention
+   recomputed in a backward graph.
 4. Follow the atoms from each root through the send path, the exchange and the receive tree; read
    the head atom at the input's head axis and prove: the destination-rank factor sits right above
    the head atom at the root (the exchange scatters heads) and the source-rank factor leads the
-   sequence axis (it gathers sequence).
+   sequence axis (it gathers sequence). A receive node used outside the site (not by a later
+   receive node or the attention) is an escape when its other users come after the attention, it is
+   no piece of a join, its layout holds the head atom exactly once (a repeated tensor's head axis is
+   (KV head, repeat): the KV head atom) and no two of its elements share memory; else a skip. A
+   shared KV exchange stays whole, so its receive nodes may be used anywhere.
 5. Walk forward from each per-head output (through layout ops and joins of its pieces) to an
    output all-to-all and prove it scatters sequence
    while keeping the head atom whole, so per-chunk receive buffers can be concatenated on it; other
@@ -149,12 +155,15 @@ class OutputExchange:
 
 @dataclass(frozen=True)
 class Escape:
-    """A per-head value used outside the site: its chunks are concatenated on `axis` for `users`."""
+    """A per-head value used outside the site: its chunks are concatenated for `users`, on `axis`
+    (an attention input or output), or on the head atom `head` (a receive-tree node, whose head
+    axis may merge the heads with other factors)."""
 
     node: Node
-    axis: int  # non-negative head axis of `node`
+    axis: int | None  # non-negative head axis of `node`; None for a receive-tree node
     users: tuple[Node, ...]
-    output: int | None  # attention output index, or None for an attention input
+    output: int | None  # attention output index, or None for an attention input or receive-tree node
+    head: Atom | None = None  # the local-head atom of a receive-tree node's layout
 
 
 @dataclass
@@ -293,6 +302,7 @@ class _Matcher:
         self._kv_repeats: dict[str, tuple[str, int]] = {}  # key/value repeated after the exchange: how
         self._heads_out: dict[Node, Atom] = {}  # attention output -> its local-head atom
         self._stacked: dict[Node, OutputExchange | None] = {}  # stack of several outputs -> its exchange
+        self._receive_escapes: list[Escape] = []  # receive-tree nodes also used outside the site
 
     def run(self) -> Site | Skip:
         try:
@@ -583,13 +593,9 @@ class _Matcher:
         if len(fills) > 1 or (fills and next(iter(fills)).args[1] is not wait):
             raise NoMatch(f"{a2a.name}'s result is copied into more than one buffer")
         allowed = set(receive) | fills | {self.attention, a2a}  # a c10d all-to-all uses its buffer (the wait)
-        terminals = {heads[name] for name in feeds}  # the attention's own inputs may escape
-        for node in {wait, *receive} - terminals:
-            outside = [u.name for u in node.users if u not in allowed and not is_size_query(u)]
-            if outside:
-                raise NoMatch(f"{node.name} (between {a2a.name} and attention) is also used by {outside}, which "
-                              "would not see whole tensors once chunked; let those users read the attention's "
-                              "input instead (it is reassembled), or compute them before the all-to-all")
+        terminals = {heads[name] for name in feeds}  # the attention's own inputs escape as attention inputs
+        outside = {node: tuple(u for u in node.users if u not in allowed and not is_size_query(u))
+                   for node in sorted({wait, *receive} - terminals, key=self.order)}
         for node in receive:
             self.layouts[node] = self._follow(node)
 
@@ -605,8 +611,38 @@ class _Matcher:
             if seq[: len(src)] != src:
                 raise NoMatch(f"{a2a.name} does not gather the sequence: the source rank is not the "
                               f"leading factor of {name}'s sequence axis")
+        # (a shared KV exchange raised SharedKV above: it stays whole, so its receive tree may be read anywhere)
+        # (one local head, head < 0, is never chunked: the plan leaves the site alone)
+        self._receive_escapes += [self._receive_escape(node, users, head, a2a)
+                                  for node, users in outside.items() if users and head >= 0]
         return InputExchange(a2a, wait, path, receive, head, tuple(feeds), next(iter(fills), None),
                              send_layouts)
+
+    def _receive_escape(self, node: Node, users: tuple[Node, ...], head: Atom, a2a: Node) -> Escape:
+        """A receive-tree node also read outside the site (AOTAutograd saves the exchanged keys and
+        values before their repeat): the chunks' values, viewed one dim per atom, concatenated on
+        the head atom and reshaped back, are the whole tensor, provided its layout holds the head
+        atom once. A repeated tensor's head axis is (KV head, repeat): it is cut, and rejoined, on
+        the KV head atom."""
+        where = f"{node.name} (between {a2a.name} and attention) is also used by {[u.name for u in users]}"
+        early = [u.name for u in users if self.order(u) < self.order(self.attention)]
+        if early:
+            raise NoMatch(f"{where}: {early} come before the attention, so they would read a tensor the chunks "
+                          "have not yet reassembled; move them after the attention, or compute them before the "
+                          "all-to-all")
+        layout = self.layouts.get(node, ())
+        if joined_by(node) is not None or layout_op(node) is not None and layout_op(node).kind == UNBIND:
+            raise NoMatch(f"{where}, and it is a piece of a stack or cat the chunks rebuild whole, not a tensor they "
+                          "compute; let those users read the join or the attention's input instead")
+        count = self.atoms.expand([a for dim in layout for a in dim]).count(head)
+        if count != 1:
+            raise NoMatch(f"{where}, and its layout holds the local-head factor {count} times, so its chunks cannot "
+                          "be concatenated back into it")
+        if _overlapping(node):
+            raise NoMatch(f"{where}, and it is an expanded view (elements share memory, or its strides are not "
+                          "known) that a reassembled copy cannot take the strides of; let those users read the "
+                          "repeated tensor instead")
+        return Escape(node, None, users, None, head)
 
     def _head_atom(self, node: Node, name: str, dest: tuple[Atom, ...]) -> Atom:
         group = self.atoms.expand(self.layouts[node][-3])
@@ -664,7 +700,7 @@ class _Matcher:
                       "heads dealt out in strides are not chunked)")
 
     def _input_escapes(self, exchanges: list[InputExchange], heads: dict[str, Node]) -> tuple[Escape, ...]:
-        escapes: dict[Node, Escape] = {}
+        escapes: dict[Node, Escape] = {e.node: e for e in self._receive_escapes}
         for ex in exchanges:
             inside = set(ex.receive) | {self.attention}
             for name in ex.feeds:
@@ -984,6 +1020,23 @@ def _reaches_exchange(node: Node) -> bool:
         if step is None:
             return is_wait(node) and is_all_to_all(node.args[0])
         node = step.source
+
+
+def _overlapping(node: Node) -> bool:
+    """Whether elements of `node`'s tensor share memory (an expanded view, a stride 0): no copy has its
+    strides. Unknown or symbolic strides count as overlapping: nothing proves otherwise."""
+    val = value_of(node)
+    stride = val.stride() if hasattr(val, "stride") else getattr(node.meta.get("tensor_meta"), "stride", None)
+    shape = shape_of(node)
+    if stride is None or not all(isinstance(s, int) for s in (*stride, *shape)):
+        return True
+    dims = sorted((st, sz) for sz, st in zip(shape, stride, strict=True) if sz != 1)
+    span = 1
+    for step, extent in dims:
+        if step < span:
+            return True
+        span = step * extent
+    return False
 
 
 def _reachable(node: Node, limit: int = 64) -> list[Node]:

@@ -25,8 +25,10 @@ Steps of `rewrite_site(graph, site, plan)`:
    from the chunk's slices: one all-to-all per chunk, as before the rewrite.
 3. Reassemble: view each chunk's receive buffer by atoms, concatenate on the head atom, view back
    to the original receive shape, and hand that to the original output wait's users. Escapes get
-   the concatenation of their chunks, with the original strides; outputs that are the same in
-   every chunk (RNG state) come from chunk 0.
+   the concatenation of their chunks, with the original strides: attention inputs and outputs on
+   their head axis, receive-tree nodes (a wait, a permute, a repeat) the way output waits are
+   collected, on the head atom; outputs that are the same in every chunk (RNG state) come from
+   chunk 0.
 4. Recompute every size query of the site's nodes (make_fx's `sym_size` of an exchanged tensor) from
    nodes outside the site, order the new nodes with `schedule.pipeline_order`, then erase the
    original site. Symbolic sizes (a dynamic sequence length) are graph nodes throughout: replayed
@@ -124,6 +126,18 @@ class _SiteWriter:
         shape = [override.get(a, self.atoms.sizes[a]) for a in flat]
         return self.emit.reshape(node, shape), flat.index(head)
 
+    def rejoin(self, escape: Escape, parts: list[Node]) -> Node:
+        """The chunks' values of an escape concatenated into the whole tensor: on its head axis, or,
+        for a receive-tree node whose head atom may share an axis with other factors, as output
+        waits are collected: each viewed one dim per atom, concatenated on the head atom, reshaped."""
+        if escape.head is None:
+            return self.emit.cat(parts, escape.axis)
+        layout = self.layouts[escape.node]
+        views = [self.atom_view(part, layout, escape.head, override)
+                 for part, override in zip(parts, self.overrides, strict=True)]
+        joined = self.emit.cat([view for view, _ in views], views[0][1])
+        return self.emit.reshape(joined, shape_of(escape.node))
+
     def contiguous(self, send: Node) -> Node:
         """All-to-all needs a dense buffer; a slice or a replayed view may not be one."""
         return send if self.emit.is_contiguous(send) else self.emit.contiguous(send)
@@ -201,6 +215,7 @@ class _SiteWriter:
         stages.attend += self.tag(mark, c, "attention")
         for escape in site.escapes:
             self.parts[escape].append(outs[escape.output] if escape.output is not None else mapping[escape.node])
+        self.overrides.append(override)
         if c == 0:
             self.shared = {i: outs[i] for i in site.shared_outputs}
 
@@ -227,6 +242,7 @@ class _SiteWriter:
         self.collected: list[list[tuple[Node, int]]] = [[] for _ in site.outputs]
         self.parts: dict[Escape, list[Node]] = {e: [] for e in site.escapes}
         self.shared: dict[int, Node] = {}
+        self.overrides: list[dict[Atom, int]] = []  # each chunk's atom sizes, to view its escaped receive nodes
         stages = [self.chunk(c, start, size)
                   for c, (start, size) in enumerate(zip(plan.offsets, plan.chunk_sizes, strict=True))]
         mark = self.mark()
@@ -234,7 +250,7 @@ class _SiteWriter:
         for out, views in zip(site.outputs, self.collected, strict=True):
             joined = self.emit.cat([view for view, _ in views], views[0][1])
             results.append(self.emit.reshape(joined, shape_of(out.wait)))
-        escaped = {e: self.emit.restride(self.emit.cat(parts, e.axis), e.node) for e, parts in self.parts.items()}
+        escaped = {e: self.emit.restride(self.rejoin(e, parts), e.node) for e, parts in self.parts.items()}
         tail = self.tag(mark, None, "reassemble")
         sizes = self.size_queries()
         apply_order(pipeline_order(stages, tail), site.attention)
