@@ -18,7 +18,6 @@ from hcms_compile.passes import chunk_sizes
 from hcms_compile.passes.ops import is_all_to_all
 from hypothesis import event, given
 from hypothesis import strategies as st
-from torch._inductor.utils import run_and_get_code
 
 import hcms_compile
 from hcms_compile.spawn import spawn_gloo
@@ -27,7 +26,7 @@ from hcms_compile.testing.layouts import attn_fused_qkv
 from hcms_compile.testing.strategies import UlyssesCase, chunk_specs, ulysses_cases
 from hcms_compile.testing.tracing import trace
 from tests.helpers import count_all_to_alls, examples
-from tests.test_inductor_order import _attention_between_issue_and_wait, _events
+from tests.test_inductor_order import _attention_between_issue_and_wait, _events, compile_and_get_code
 
 _backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
@@ -243,14 +242,7 @@ def test_a_stack_that_is_not_a_per_head_gradient_exchange_is_left_alone(send, re
 
 
 def test_inductor_keeps_the_fused_backward_pipelined():
-    group = ranks.group(2)
-    backend = hcms_compile.make_backend(chunks=2, inner="inductor", exact="rounding")
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda q, k, v: attn_fused_qkv(q, k, v, group, is_causal=True), backend=backend,
-                             fullgraph=True)
-    inputs = [torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3)]
-    with torch._inductor.config.patch(fx_graph_cache=False):
-        _, (forward, backward) = run_and_get_code(lambda: compiled(*inputs).sum().backward())
+    (forward, backward), backend = compile_and_get_code(attn_fused_qkv, (2, 4, 16, 8))
     assert [s.status for r in backend.reports for s in r.sites if s.attention.endswith("_backward")] == ["rewritten"]
     events = _events(backward)
     # one output-gradient exchange and one stacked dq, dk, dv exchange per chunk; only chunk 0's input

@@ -46,15 +46,15 @@ def _attention_between_issue_and_wait(events: list[tuple[str, str]]) -> list[int
     return gaps
 
 
-def _compile_and_get_code(disable: bool, monkeypatch) -> list[str]:
-    if disable:
-        monkeypatch.setenv("HCMS_DISABLE", "1")
+def compile_and_get_code(layout=attn_funcol, shape=(2, 32, 4, 8)):
+    """Inductor's generated code for the forward and the backward graph of one training step of
+    `layout`'s attention on 2 ranks (chunks=2), and the backend that compiled it."""
     group = ranks.group(2)
     backend = hcms_compile.make_backend(chunks=2, inner="inductor", exact="rounding")
     torch._dynamo.reset()
-    compiled = torch.compile(lambda q, k, v: attn_funcol(q, k, v, group, is_causal=True), backend=backend,
+    compiled = torch.compile(lambda q, k, v: layout(q, k, v, group, is_causal=True), backend=backend,
                              fullgraph=True)
-    inputs = [torch.randn(2, 32, 4, 8, requires_grad=True) for _ in range(3)]
+    inputs = [torch.randn(*shape, requires_grad=True) for _ in range(3)]
 
     def step():
         compiled(*inputs).sum().backward()
@@ -62,6 +62,13 @@ def _compile_and_get_code(disable: bool, monkeypatch) -> list[str]:
     with torch._inductor.config.patch(fx_graph_cache=False):
         _, codes = run_and_get_code(step)
     assert len(codes) == 2, "expected a forward and a backward kernel module"
+    return codes, backend
+
+
+def _compile_and_get_code(disable: bool, monkeypatch) -> list[str]:
+    if disable:
+        monkeypatch.setenv("HCMS_DISABLE", "1")
+    codes, _ = compile_and_get_code()
     return codes
 
 
