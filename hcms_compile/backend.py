@@ -313,7 +313,10 @@ class HcmsBackend:
             raise ValueError(f"hcms backend: {given} configures Inductor, and this backend compiles with "
                              "inner='aot_eager'; use make_backend(inner='inductor') or drop it")
         patches = inductor_config_patches(mode, options) if self.inner == "inductor" else {}
-        exchanges = [node for node in gm.graph.nodes if is_all_to_all(node)]
+        # subgraphs too: an autograd.Function (DeepSpeed's _SeqAllToAll) puts its exchange in one, and the
+        # AOT graphs the pass rewrites have it inlined; missing it would plan "auto" on an unagreed profile
+        exchanges = [node for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+                     for node in module.graph.nodes if is_all_to_all(node)]
         if not options_.enabled:
             log.info("hcms: HCMS_DISABLE is set; compiling without the pass")
         elif exchanges:

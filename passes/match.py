@@ -726,7 +726,7 @@ class _Matcher:
             for user in source.users:
                 if is_size_query(user):
                     continue  # recomputed by the rewrite from tensors outside the site
-                if inplace_fill(user) is not None or _later_piece(source, user):
+                if inplace_fill(user) is not None or c10d_exchange(user) is not None or _later_piece(source, user):
                     continue  # the buffer an in-place exchange fills, or a piece the first one's walk covers
                 found = self._output_exchange(index, source, user, first, heads, group, world)
                 if found is None:
@@ -832,7 +832,8 @@ class _Matcher:
     def _prove_stacked(self, stack: Node, first: InputExchange, heads: dict[str, Node], group: Any,
                        world: int) -> OutputExchange | None:
         what = f"the attention outputs {stack.name} stacks"
-        onward = [u for u in stack.users if inplace_fill(u) is None and c10d_exchange(u) is None]
+        onward = [u for u in stack.users if inplace_fill(u) is None and c10d_exchange(u) is None
+                  and not _later_piece(stack, u) and not is_size_query(u)]
         if len(onward) != 1:
             if any(is_all_to_all(u) for u in _reachable(stack)):
                 raise NoMatch(f"the path from {what} to an all-to-all branches at {stack.name}")
@@ -876,7 +877,7 @@ class _Matcher:
                 chain.append(node)
                 node = step.source
             for link, onward in zip(chain, [stack, *chain], strict=False):
-                others = [u.name for u in link.users if u is not onward]
+                others = [u.name for u in link.users if u is not onward and not is_size_query(u)]
                 if others:
                     raise NoMatch(f"{link.name} (between {node.name} and {stack.name}) is also used by {others}")
             sources.append((outputs[node], node))

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -283,3 +284,42 @@ def test_aot_eager_backward_does_not_recompute_the_forward_attention():
     targets = {str(n.target) for n in graphs.backward.graph_module.graph.nodes if n.op == "call_function"}
     assert "aten._scaled_dot_product_flash_attention_for_cpu.default" not in targets
     assert [s.status for s in graphs.backward.sites] == ["rewritten"]
+
+
+class _Exchange(torch.autograd.Function):
+    """An exchange inside an autograd.Function, as DeepSpeed's _SeqAllToAll writes it: Dynamo puts
+    its body into a subgraph of the graph the backend receives."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return funcol.all_to_all_single(x, None, None, group).wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return funcol.all_to_all_single(grad.contiguous(), None, None, ctx.group).wait(), None
+
+
+def test_exchanges_inside_an_autograd_function_are_agreed_on(monkeypatch):
+    # under "auto" the profile must be agreed for every graph whose AOT graphs hold an all-to-all; one
+    # hidden in a subgraph of the Dynamo graph must not leave each rank planning on its own profile
+    from hcms_compile.backend import HcmsBackend
+
+    group = ranks.group(2)
+    asked = []
+    original = HcmsBackend._profile_for
+
+    def spy(self, example_inputs, groups, must_agree):
+        asked.append((groups, must_agree))
+        return original(self, example_inputs, groups, must_agree)
+
+    monkeypatch.setattr(HcmsBackend, "_profile_for", spy)
+
+    def fn(x):
+        return _Exchange.apply(x.reshape(2, 4, 8).contiguous(), group).sum()
+
+    backend = hcms_compile.make_backend(inner="aot_eager")
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(torch.randn(8, 8, requires_grad=True)).backward()
+    assert len(asked) == 1 and asked[0][1] is True, asked
+    assert [name for name, _ in asked[0][0]] == [group.group_name]
