@@ -812,13 +812,10 @@ class _Matcher:
             if step is None or step.source is not node or step.kind == UNBIND:
                 return None
             path.append(user)
-            onward = [u for u in user.users if inplace_fill(u) is None and c10d_exchange(u) is None
-                      and not _later_piece(user, u) and not is_size_query(u)]
-            if len(onward) != 1:
-                if any(is_all_to_all(u) for u in _reachable(user)):
-                    raise NoMatch(f"the path from {what} to an all-to-all branches at {user.name}")
+            onward = _next_on_path(user, what)
+            if onward is None:
                 return None
-            node, user = user, onward[0]
+            node, user = user, onward
         return tuple(path), user
 
     def _stacked_exchange(self, stack: Node, first: InputExchange, heads: dict[str, Node], group: Any,
@@ -832,13 +829,10 @@ class _Matcher:
     def _prove_stacked(self, stack: Node, first: InputExchange, heads: dict[str, Node], group: Any,
                        world: int) -> OutputExchange | None:
         what = f"the attention outputs {stack.name} stacks"
-        onward = [u for u in stack.users if inplace_fill(u) is None and c10d_exchange(u) is None
-                  and not _later_piece(stack, u) and not is_size_query(u)]
-        if len(onward) != 1:
-            if any(is_all_to_all(u) for u in _reachable(stack)):
-                raise NoMatch(f"the path from {what} to an all-to-all branches at {stack.name}")
+        onward = _next_on_path(stack, what)
+        if onward is None:
             return None
-        found = self._path_to_exchange(stack, onward[0], what)
+        found = self._path_to_exchange(stack, onward, what)
         if found is None:
             return None  # not on the way to an exchange: the stacked outputs escape
         after, a2a = found
@@ -1038,6 +1032,19 @@ def _overlapping(node: Node) -> bool:
             return True
         span = step * extent
     return False
+
+
+def _next_on_path(node: Node, what: str) -> Node | None:
+    """The one user that carries `node` on towards an output exchange (the buffers an in-place
+    exchange fills, later pieces of a join and size queries do not count), or None when there is not
+    exactly one; NoMatch when the path branches and an all-to-all lies beyond."""
+    onward = [u for u in node.users if inplace_fill(u) is None and c10d_exchange(u) is None
+              and not _later_piece(node, u) and not is_size_query(u)]
+    if len(onward) == 1:
+        return onward[0]
+    if any(is_all_to_all(u) for u in _reachable(node)):
+        raise NoMatch(f"the path from {what} to an all-to-all branches at {node.name}")
+    return None
 
 
 def _reachable(node: Node, limit: int = 64) -> list[Node]:
