@@ -30,7 +30,7 @@ from .passes.emit import EmitError, RollbackError
 from .passes.exactness import exactness_policy
 from .passes.match import match_again, value_of
 from .passes.ops import attention_op, is_all_to_all, target_name
-from .passes.plan import AUTO
+from .passes.plan import AUTO, launches
 from .passes.profiles import DeviceProfile
 from .passes.symbolic import SYMBOLIC
 from .report import REWRITTEN, SKIPPED, RewriteResult, SiteReport
@@ -47,7 +47,8 @@ EAGER_WRAPPER = "_wrap_tensor_autograd"  # funcol's eager result wrapper, record
 
 
 def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
-            profile: ProfileSpec = None, example_inputs: Sequence[object] | None = None) -> RewriteResult:
+            profile: ProfileSpec = None, example_inputs: Sequence[object] | None = None,
+            fuse: bool = True) -> RewriteResult:
     """Chunk every provable all-to-all -> attention -> all-to-all site of `gm` by local heads.
 
     `chunks` is "auto" (the cost model picks a count per site, 1 meaning leave it alone), a chunk
@@ -59,6 +60,9 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool |
     a site is chunked only where the attention kernel is known to keep its bits; `False` also
     allows chunkings that stay within the kernel's own run-to-run variation; "rounding" allows any
     correct chunking. The report says which grade each rewritten site has.
+    `fuse` (the default) sends a chunk's exchanges of one process group and dtype (q, k and v; dq,
+    dk and dv) as one all-to-all: fewer launches and barriers, the same bytes. With `chunks=1` it
+    rewrites the plain site into its fused form; "auto" weighs the fused plain site too.
     `example_inputs` (one rank's inputs in the graph's argument order, real or fake tensors) give
     shapes to a graph that has none, such as `torch.fx.symbolic_trace`'s: they are propagated with
     fake tensors through the copy, never through `gm`.
@@ -66,14 +70,14 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool |
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"rewrite() takes a torch.fx.GraphModule, got {type(gm).__name__}")
-    spec, policy = _check_args(chunks, exact)
+    spec, policy = _check_args(chunks, exact, fuse)
     out = _copy(gm)
     no_metadata = None
     if example_inputs is not None:
         no_metadata = _propagate(out, example_inputs)
         if no_metadata is not None:
             out = _copy(gm)  # a propagation that stopped half way leaves no values behind
-    reports = _rewrite_graph(out.graph, spec, policy, profile, no_metadata)
+    reports = _rewrite_graph(out.graph, spec, policy, profile, no_metadata, fuse)
     if any(r.rewritten for r in reports):
         out.recompile()
     return RewriteResult(out, reports)
@@ -106,18 +110,18 @@ def _propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> st
 
 
 def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
-                  profile: ProfileSpec = None) -> list[SiteReport]:
+                  profile: ProfileSpec = None, fuse: bool = True) -> list[SiteReport]:
     """`rewrite` in place on a graph: what compiler hooks (Inductor's post-grad passes) call."""
-    spec, policy = _check_args(chunks, exact)
-    return _rewrite_graph(graph, spec, policy, profile, None)
+    spec, policy = _check_args(chunks, exact, fuse)
+    return _rewrite_graph(graph, spec, policy, profile, None, fuse)
 
 
 def _rewrite_graph(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: ProfileSpec,
-                   no_metadata: str | None) -> list[SiteReport]:
+                   no_metadata: str | None, fuse: bool) -> list[SiteReport]:
     """`no_metadata`: why the graph has no shapes, when `example_inputs` could not give them."""
     if no_metadata is None and not any(key in node.meta for node in graph.nodes for key in METADATA_KEYS):
         no_metadata = NO_METADATA
-    reports = _apply_all(graph, spec, policy, profile) if no_metadata is None else _unshaped(graph, no_metadata)
+    reports = _apply_all(graph, spec, policy, profile, fuse) if no_metadata is None else _unshaped(graph, no_metadata)
     for report in reports:
         log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
     _warn_symbolic(reports)
@@ -131,7 +135,8 @@ def _unshaped(graph: torch.fx.Graph, reason: str) -> list[SiteReport]:
             for i, (node, op) in enumerate(ops)]
 
 
-def _apply_all(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: ProfileSpec) -> list[SiteReport]:
+def _apply_all(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: ProfileSpec,
+               fuse: bool) -> list[SiteReport]:
     profiles: dict[tuple[str, int], DeviceProfile] = {}
 
     def profile_for(site: Site) -> DeviceProfile:
@@ -141,7 +146,7 @@ def _apply_all(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: Pro
             profiles[key] = resolve_profile(profile, device, site.world_size)
         return profiles[key]
 
-    reports = [_apply(graph, found, spec, policy, profile_for) for found in match_sites(graph)]
+    reports = [_apply(graph, found, spec, policy, profile_for, fuse) for found in match_sites(graph)]
     if any(r.rewritten for r in reports):
         graph.lint()
     return _explain_eager_wrappers(graph, reports)
@@ -190,19 +195,21 @@ def _warn_symbolic(reports: list[SiteReport]) -> None:
         log.warning("hcms: %d site(s) left unchunked because of symbolic shapes: %s", len(skipped), sites)
 
 
-def _check_args(chunks: object, exact: object) -> tuple[ChunkSpec, str]:
+def _check_args(chunks: object, exact: object, fuse: object) -> tuple[ChunkSpec, str]:
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {type(fuse).__name__} {fuse!r}")
     return validate_chunks(chunks), exactness_policy(exact)
 
 
 def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: str,
-           profile_for: Callable[[Site], DeviceProfile]) -> SiteReport:
+           profile_for: Callable[[Site], DeviceProfile], fuse: bool) -> SiteReport:
     base = dict(index=found.index, attention=found.attention.name, kernel=found.kernel,
                 world_size=found.world_size, local_heads=found.local_heads)
     if isinstance(found, Site) and found.is_stale():
         found = match_again(found)  # an earlier site's rewrite replaced a node this one starts from
     if not isinstance(found, Site):
         return SiteReport(status=SKIPPED, reason=found.reason, **base)
-    plan = plan_site(found, spec, policy, profile_for(found))
+    plan = plan_site(found, spec, policy, profile_for(found), fuse)
     if isinstance(plan, str):
         return SiteReport(status=SKIPPED, reason=plan, exchanges=len(found.inputs), **base)
     try:
@@ -217,6 +224,7 @@ def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: s
                           **base)
     predicted = plan.prediction
     return SiteReport(status=REWRITTEN, chunk_sizes=plan.chunk_sizes, exchanges=len(found.inputs),
+                      collectives=sum(launches(found, plan)) * len(plan.chunk_sizes), fused=plan.fused,
                       bitwise=plan.exactness.bitwise, grade=plan.exactness.grade,
                       exactness=plan.exactness.why, rho=predicted.rho if predicted else None,
                       predicted_gain=predicted.gain if predicted else None, choice=plan.choice, **base)

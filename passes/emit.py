@@ -177,10 +177,10 @@ class Emitter:
     def getitem(self, node: Node, index: int) -> Node:
         return self.call(operator.getitem, node, index)
 
-    def narrow(self, x: Node, dim: int, start: int, length: int) -> Node:
+    def narrow(self, x: Node, dim: int, start: Size, length: Size) -> Node:
         if self.dialect == "torch":
-            return self.method("narrow", x, dim, start, length)
-        return self.call(aten.slice.Tensor, x, dim, start, start + length)
+            return self.method("narrow", x, dim, self.size_arg(start), self.size_arg(length))
+        return self.call(aten.slice.Tensor, x, dim, self.size_arg(start), self.size_arg(size(start) + size(length)))
 
     def contiguous(self, x: Node) -> Node:
         if self.dialect == "torch":

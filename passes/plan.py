@@ -60,6 +60,7 @@ class ChunkPlan:
     exactness: Exactness
     prediction: Prediction | None = None  # with a profile: the predicted time of these chunks
     choice: str = ""  # with "auto": why this chunk count
+    fused: bool = False  # a chunk's exchanges of one process group and dtype travel as one all-to-all
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -163,9 +164,42 @@ def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int
     return Choice((cost.local_heads,), reason, plain, best, candidates)
 
 
+def fusion_keys(exchanges: Sequence[object]) -> list[object]:
+    """Per exchange, what it must share with another to travel in one all-to-all with it: its dtype
+    (every exchange of a site runs on the site's process group)."""
+    return [value_of(ex.wait).dtype for ex in exchanges]
+
+
+def launches(site: Site, plan: ChunkPlan) -> tuple[int, int]:
+    """All-to-alls one chunk launches under `plan`: (input exchanges, output exchanges)."""
+    if not plan.fused:
+        return len(site.inputs), len(site.outputs)
+    return len(set(fusion_keys(site.inputs))), len(set(fusion_keys(site.outputs)))
+
+
+def fusable(site: Site) -> bool:
+    """Whether fusing changes anything: two exchanges of one direction share a dtype."""
+    return any(len(set(keys)) < len(keys) for keys in (fusion_keys(site.inputs), fusion_keys(site.outputs)))
+
+
+def _one_chunk(chunks: ChunkSpec, local_heads: int) -> bool:
+    return chunks == 1 or (not isinstance(chunks, (int, str)) and tuple(chunks) == (local_heads,))
+
+
+ONE_CHUNK = "one chunk: the attention call is the original one"
+
+
 def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
-              profile: DeviceProfile | None = None) -> ChunkPlan | str:
-    """The plan for one site, or why it keeps its original form."""
+              profile: DeviceProfile | None = None, fuse: bool = True) -> ChunkPlan | str:
+    """The plan for one site, or why it keeps its original form. With `fuse`, each chunk's
+    exchanges that can share an all-to-all do; one chunk then means the fused plain site."""
+    fused = fuse and fusable(site)
+    if _one_chunk(chunks, site.local_heads):
+        if not fused:
+            why = ": no two exchanges of one direction share a dtype to fuse" if fuse else ""
+            return f"one chunk: nothing to pipeline{why}"
+        prediction = predict(site_cost(site), profile, (site.local_heads,)) if profile is not None else None
+        return ChunkPlan((site.local_heads,), Exactness(BITWISE, ONE_CHUNK), prediction, fused=True)
     # keys shared whole by every chunk (one KV head on the rank) are not in `site.heads`
     query, key = (value_of(attention_args(site.attention, site.op)[name]) for name in ("query", "key"))
 
@@ -192,7 +226,7 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
             if symbolic is not None and not choice.candidates:
                 return f"{SYMBOLIC}auto: no chunking keeps bits for every length ({symbolic.grade}: {symbolic.why})"
             return f"auto: {choice.reason}{note}"
-        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason + note)
+        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason + note, fused)
     if group > 1:
         # grouped-query attention: a chunk holds whole groups of `group` query heads and their KV head
         if not isinstance(chunks, int) and any(size % group for size in chunks):
@@ -211,7 +245,7 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
         prefix = SYMBOLIC if grade.symbolic else ""
         return f"{prefix}chunking may change bits ({grade.grade}: {grade.why}); pass exact={grade.grade!r} to allow it"
     prediction = predict(site_cost(site), profile, sizes) if profile is not None else None
-    return ChunkPlan(sizes, grade, prediction)
+    return ChunkPlan(sizes, grade, prediction, fused=fused)
 
 
 def _hint_note(query: object, key: object) -> str:

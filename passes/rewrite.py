@@ -39,7 +39,9 @@ caller then calls `Emitter.rollback()` and the site stays as it was.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch.fx import Graph, Node
 from torch.fx.node import map_arg
@@ -51,6 +53,7 @@ from .match import Escape, InputExchange, Site, shape_of, value_of
 from .ops import (
     CAT,
     EXPAND,
+    IDENTITY,
     REGROUP,
     STACK,
     aten,
@@ -58,16 +61,31 @@ from .ops import (
     exchange_args,
     inplace_fill,
     is_c10d_all_to_all,
+    is_wait,
     joined_by,
     layout_op,
     replace_attention_inputs,
 )
 from .plan import ChunkPlan
 from .schedule import ChunkStages, apply_order, pipeline_order
-from .symbolic import is_size_query
+from .symbolic import Size, is_size_query, same
 
 COMM = "comm"
 COMPUTE = "compute"
+
+
+@dataclass(frozen=True)
+class _Send:
+    """One chunk's buffer for one exchange: what `_SiteWriter.transfer` sends."""
+
+    buffer: Node  # contiguous, rank-major on dim 0
+    original: Node  # the all-to-all it stands in for
+    original_wait: Node
+    shape: tuple[Size, ...]  # the buffer's shape in this chunk
+
+    @property
+    def rows(self) -> Size:
+        return self.shape[0]
 
 
 class _SiteWriter:
@@ -99,7 +117,11 @@ class _SiteWriter:
             if joined_by(node) is not None:
                 continue  # a piece of a stack or cat: the join is replayed from the split's input
             step = layout_op(node)
-            if step is not None and step.kind == REGROUP:
+            if step is not None and step.kind == IDENTITY and is_wait(node):
+                # a wait on a waited tensor: its fake value would claim a fresh contiguous tensor,
+                # while it returns its input, maybe a fused exchange's strided piece
+                mapping[node] = mapping[step.source]
+            elif step is not None and step.kind == REGROUP:
                 shape = self.atoms.shape(layouts[node], override)
                 mapping[node] = self.emit.reshape(mapping[step.source], shape, like=node)
             elif step is not None and step.kind == EXPAND:
@@ -130,6 +152,8 @@ class _SiteWriter:
         """The chunks' values of an escape concatenated into the whole tensor: on its head axis, or,
         for a receive-tree node whose head atom may share an axis with other factors, as output
         waits are collected: each viewed one dim per atom, concatenated on the head atom, reshaped."""
+        if self.whole:
+            return self.emit.reshape(parts[0], shape_of(escape.node))
         if escape.head is None:
             return self.emit.cat(parts, escape.axis)
         layout = self.layouts[escape.node]
@@ -142,9 +166,9 @@ class _SiteWriter:
         """All-to-all needs a dense buffer; a slice or a replayed view may not be one."""
         return send if self.emit.is_contiguous(send) else self.emit.contiguous(send)
 
-    def exchange(self, send: Node, original: Node, override: dict[Atom, int], layout: Layout) -> Node:
+    def exchange(self, send: Node, original: Node, rows: object) -> Node:
+        """An all-to-all of `send` (`rows` rows, split evenly between the ranks) on `original`'s group."""
         args = exchange_args(original)
-        rows = self.atoms.shape(layout, override)[0]
         # a symbolic row count (a flattened buffer holding the sequence) gives split sizes as nodes
         splits = self.emit.size_args([symbolic.size(rows // self.site.world_size)] * self.site.world_size)
         if is_c10d_all_to_all(original):
@@ -158,8 +182,72 @@ class _SiteWriter:
         target = c10d.wait_tensor.default if is_c10d_all_to_all(original) else original_wait.target
         return self.emit.call(target, a2a)
 
+    def takes_view(self, ex: InputExchange, value: Node) -> bool:
+        """Whether the receive tree can start from `value` as it is: the wait's own value, or a fused
+        exchange's [P, n] piece that every user of the wait reshapes anyway (so the reshape, not an
+        extra copy into the wait's shape, reads the piece)."""
+        have, want = shape_of(value), shape_of(ex.wait)
+        if value is ex.wait or (len(have) == len(want) and all(map(same, have, want))):
+            return True
+        receive = set(ex.receive)
+        escaped = any(escape.node is ex.wait for escape in self.site.escapes)
+        return not escaped and all(
+            user in receive and (step := layout_op(user)) is not None and step.kind == REGROUP
+            for user in ex.wait.users)
+
+    def transfer(self, c: int, items: list[_Send], roles: tuple[str, str, str, str],
+                 stages: tuple[list[Node], list[Node]]) -> list[Node]:
+        """Send each item's buffer with its exchange; returns what each one received.
+
+        Items of one fusion group travel in one all-to-all: each buffer viewed as [P, n_i] (rank
+        first, as the exchange splits it), concatenated on dim 1 into one [P, sum n_i] buffer, and
+        the received buffer sliced back on dim 1. An all-to-all only moves bytes, so the pieces hold
+        exactly what the separate exchanges received; a received piece is a [P, n_i] view, which the
+        caller views in its own shape. `roles` names the fused buffer, the all-to-all, the wait and
+        the slices; `stages` takes the issuing nodes and the receiving ones.
+        """
+        issue, receive = stages
+        world = self.site.world_size
+        received: list[Node | None] = [None] * len(items)
+        for group in self.fusion_groups(items):
+            first = items[group[0]]
+            mark = self.mark()
+            if len(group) == 1:
+                buffer, rows = first.buffer, first.rows
+            else:
+                widths = [symbolic.size(math.prod(items[i].shape) // world) for i in group]
+                flat = [self.emit.reshape(items[i].buffer, [world, w]) for i, w in zip(group, widths, strict=True)]
+                buffer, rows = self.emit.cat(flat, 1), world
+            issue += self.tag(mark, c, roles[0])
+            mark = self.mark()
+            a2a = self.exchange(buffer, first.original, rows)
+            issue += self.tag(mark, c, roles[1], COMM)
+            mark = self.mark()
+            wait = self.wait(a2a, first.original, first.original_wait)
+            receive += self.tag(mark, c, roles[2], COMM)
+            if len(group) == 1:
+                received[group[0]] = wait
+                continue
+            mark = self.mark()
+            start: Size = 0
+            for i, width in zip(group, widths, strict=True):
+                received[i] = self.emit.narrow(wait, 1, start, width)
+                start = start + width
+            receive += self.tag(mark, c, roles[3])
+        return received
+
+    def fusion_groups(self, items: list[_Send]) -> list[list[int]]:
+        """Which items share an all-to-all: with fusion on, those of one process group and dtype."""
+        groups: dict[object, list[int]] = {}
+        for i, item in enumerate(items):
+            key = (str(exchange_args(item.original).group), value_of(item.original_wait).dtype) if self.fused else i
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
     # -- step 1 --------------------------------------------------------------------------------
     def send(self, ex: InputExchange, start: int, size: int, override: dict[Atom, int]) -> Node:
+        if self.whole:
+            return ex.send_path[-1]  # one chunk (the fused plain site) sends the whole buffer
         mapping: dict[Node, Node] = {}
         for i, node in enumerate(ex.send_path):
             dims = self.atoms.resolve(ex.send_layouts[node])
@@ -182,18 +270,20 @@ class _SiteWriter:
         override = {ex.head: size // in_div[ex] for ex in site.inputs}
         override |= {out.head: size // out_div[out] for out in site.outputs}
         mapping: dict[Node, Node] = {}
+        sends = []
         for ex in site.inputs:
             mark = self.mark()
             div = in_div[ex]
-            send = self.contiguous(self.send(ex, start // div, size // div, override))
+            buffer = self.contiguous(self.send(ex, start // div, size // div, override))
             stages.send += self.tag(mark, c, "send_layout")
+            sends.append(_Send(buffer, ex.all_to_all, ex.wait, self.atoms.shape(ex.send_layouts[ex.send_path[-1]],
+                                                                                 override)))
+        received = self.transfer(c, sends, ("send_layout", "all_to_all", "wait", "receive_layout"),
+                                 (stages.send, stages.receive))
+        for ex, value in zip(site.inputs, received, strict=True):
             mark = self.mark()
-            a2a = self.exchange(send, ex.all_to_all, override, ex.send_layouts[ex.send_path[-1]])
-            stages.send += self.tag(mark, c, "all_to_all", COMM)
-            mark = self.mark()
-            mapping[ex.wait] = self.wait(a2a, ex.all_to_all, ex.wait)
-            stages.receive += self.tag(mark, c, "wait", COMM)
-            mark = self.mark()
+            mapping[ex.wait] = value if self.takes_view(ex, value) else self.emit.reshape(
+                value, self.atoms.shape(self.layouts[ex.wait], override))
             self.replay(ex.receive, mapping, override)
             stages.receive += self.tag(mark, c, "receive_layout")
         mark = self.mark()
@@ -219,26 +309,29 @@ class _SiteWriter:
         if c == 0:
             self.shared = {i: outs[i] for i in site.shared_outputs}
 
-        for k, out in enumerate(site.outputs):
+        sends = []
+        for out in site.outputs:
             mark = self.mark()
             values = {source: outs[i] for i, source in out.sources}  # a stack is replayed on the chunk's slices
             self.replay(out.send_path, values, override)
             buffer = out.send_path[-1] if out.send_path else out.sources[0][1]
-            send = self.contiguous(values[buffer])
+            sends.append(_Send(self.contiguous(values[buffer]), out.all_to_all, out.wait,
+                               self.atoms.shape(self.layouts[buffer], override)))
             stages.attend += self.tag(mark, c, "output_layout")
+        received = self.transfer(c, sends, ("output_layout", "output_all_to_all", "output_wait", "collect"),
+                                 (stages.attend, stages.collect))
+        for k, (out, value) in enumerate(zip(site.outputs, received, strict=True)):
             mark = self.mark()
-            a2a = self.exchange(send, out.all_to_all, override, self.layouts[buffer])
-            stages.attend += self.tag(mark, c, "output_all_to_all", COMM)
-            mark = self.mark()
-            wait = self.wait(a2a, out.all_to_all, out.wait)
-            stages.collect += self.tag(mark, c, "output_wait", COMM)
-            mark = self.mark()
-            self.collected[k].append(self.atom_view(wait, self.layouts[out.wait], out.head, override))
+            # a fused exchange's piece is rank-major like the buffer, so its atom view is still a view
+            self.collected[k].append((self.emit.reshape(value, shape_of(out.wait)), 0) if self.whole
+                                     else self.atom_view(value, self.layouts[out.wait], out.head, override))
             stages.collect += self.tag(mark, c, "collect")
         return stages
 
     def run(self, plan: ChunkPlan) -> None:
         site = self.site
+        self.fused = plan.fused
+        self.whole = len(plan.chunk_sizes) == 1
         self.collected: list[list[tuple[Node, int]]] = [[] for _ in site.outputs]
         self.parts: dict[Escape, list[Node]] = {e: [] for e in site.escapes}
         self.shared: dict[int, Node] = {}
@@ -248,6 +341,9 @@ class _SiteWriter:
         mark = self.mark()
         results = []
         for out, views in zip(site.outputs, self.collected, strict=True):
+            if self.whole:  # one chunk: its received tensor is the whole result
+                results.append(views[0][0])
+                continue
             joined = self.emit.cat([view for view, _ in views], views[0][1])
             results.append(self.emit.reshape(joined, shape_of(out.wait)))
         escaped = {e: self.emit.restride(self.rejoin(e, parts), e.node) for e, parts in self.parts.items()}

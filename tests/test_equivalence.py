@@ -35,8 +35,16 @@ def check_case(case, tracer: str) -> None:
     result = hcms_compile.rewrite(gm, chunks=case.chunks)
     assert_untouched(gm, result)
     (site,) = result.sites
-    if case.chunk_count == 1:
+    fusable = before > 2  # the zoo's exchanges share one dtype: fusable unless q, k, v already share one
+    if case.chunk_count == 1 and not fusable:
         assert site.status == "skipped" and "one chunk" in site.reason
+        return
+    if case.chunk_count == 1:
+        # one chunk: the fused plain site, q, k and v in one all-to-all
+        assert site.rewritten and site.fused and site.chunk_sizes == (case.local_heads,), site.reason
+        assert count_all_to_alls(result.graph_module) == site.collectives == 2
+        assert_bitwise_on_ranks(gm, result.graph_module, case)
+        event("fused plain site")
         return
     if not site.rewritten:
         # the exactness policy refused: the chunking is still correct, but not bit for bit
@@ -52,10 +60,17 @@ def check_case(case, tracer: str) -> None:
     assert site.world_size == case.world_size
     assert site.local_heads == case.local_heads
     assert sum(site.chunk_sizes) == case.local_heads and len(site.chunk_sizes) == case.chunk_count
-    # one exchange per input all-to-all and one output exchange, per chunk (make_fx's c10d exchanges
+    # q, k and v in one exchange and one output exchange, per chunk: 2C (make_fx's c10d exchanges
     # become functional ones)
     assert not any(is_c10d_all_to_all(n) for n in result.graph_module.graph.nodes)
-    assert count_all_to_alls(result.graph_module) == before * case.chunk_count
+    assert site.fused == fusable
+    assert count_all_to_alls(result.graph_module) == site.collectives == 2 * case.chunk_count
+    if not fusable:
+        assert_bitwise_on_ranks(gm, result.graph_module, case)
+        return
+    unfused = hcms_compile.rewrite(gm, chunks=case.chunks, fuse=False)
+    assert count_all_to_alls(unfused.graph_module) == unfused.sites[0].collectives == before * case.chunk_count
+    assert_bitwise_on_ranks(gm, unfused.graph_module, case)
     assert_bitwise_on_ranks(gm, result.graph_module, case)
 
 
