@@ -15,6 +15,10 @@ NAMES = {
     "triton_poi_fused_clone_0": "copy",
     "triton_poi_fused__to_copy_1": "copy",
     "triton_poi_fused_permute_3": "copy",
+    # Inductor names a kernel after its origin nodes: these move data for a collective or for SDPA
+    "triton_poi_fused_all_to_all_single_clone_0": "copy",
+    "triton_poi_fused__scaled_dot_product_cudnn_attention_clone_1": "copy",
+    "graph_0_cpp_fused_all_to_all_single_clone_permute_view_0": "copy",
     "triton_poi_fused_cat_1": "concat",
     "triton_poi_fused_cat_clone_2": "concat",
     "triton_poi_fused_scatter_4": "copy",  # scatter holds "cat" but is not a concat
