@@ -29,17 +29,33 @@ Steps of `site_cost(site)`:
 2. Bytes of every exchange from the all-to-all node's recorded value, copy bytes per path, and the
    reassembly bytes from the output exchanges and the escapes.
 
-Steps of `predict(cost, profile, chunk_sizes)`:
-1. Write the program both streams run, in the order `schedule.pipeline_order` emits: chunk 0's and
-   chunk 1's sends, then per chunk c its receive copies, attention, output copy and output
-   all-to-all, then chunk c+2's send; finally the reassembly, after every output all-to-all. One
-   chunk is the plain site.
-2. Run it as an event loop: an all-to-all starts when it is issued and the comm stream is free; a
-   compute step starts when the compute stream is free and the all-to-alls it waits on are done, and
-   progresses at rate 1 - contention while an all-to-all is in flight.
-3. The site's time is when both streams are done; the same loop on one chunk gives the plain time
-   and the gain. Chunk 0's input exchanges and the last chunk's output exchanges never overlap
-   attention, so they are never hidden.
+- fused: each chunk's input exchanges run as ONE all-to-all (one latency, the summed bytes), and its
+  output exchanges as one. The plain site can be fused too (one chunk).
+- SM exchange: an all-to-all run by kernels on the SMs (NCCL); a copy-engine exchange
+  (`profile.copy_engine_exchange`) moves bytes without SMs.
+- persistent attention (`profile.persistent_attention`): the attention kernel holds every SM while
+  it runs (cuDNN SDPA bf16 on Hopper: one 232 KB CTA per SM).
+- contention: the fraction of overlapped SM-exchange time added to compute that shares the SMs.
+
+Steps of `predict(cost, profile, chunk_sizes, fused, order)`:
+1. Write the kernels in host issue order. `INPUTS_FIRST` (what schedule.py emits): every chunk's send
+   copies and input all-to-alls, in chunk order; then per chunk c its receive copies, attention,
+   output copy and output all-to-all; then the reassembly, after every output all-to-all.
+   `LOOKAHEAD` (what the recorded benches ran): chunks 0 and 1's sends, then chunk c+2's after
+   chunk c's output all-to-all. One chunk is the site in one piece.
+2. Run them through time on two FIFO streams. A compute step starts when the compute stream is free
+   and the all-to-alls it waits on are done. An all-to-all starts when the comm stream is free and
+   every compute step issued before it is done (ProcessGroupNCCL's syncStream), and then:
+   (a) an SM exchange that becomes ready while a persistent attention kernel runs waits for its end;
+   (b) compute that runs beside an SM exchange progresses at rate 1 - contention;
+   (c) an SM exchange and a persistent attention ready at the same moment: with several hardware
+       queues the attention wins and (a) applies; with dispatch in launch order
+       (`profile.launch_order_dispatch`) the one issued first goes first, and an exchange that goes
+       first shares by (b);
+   (d) a copy-engine exchange starts as soon as it is ready and slows nothing (contention 0).
+   Non-persistent attention follows (b) alone, the model before these rules.
+3. The site's time is when both streams are done; gains are against the plain site as traced (one
+   chunk, unfused, same order).
 `plan.choose_chunks` compares these predictions to pick a site's chunk count.
 """
 

@@ -10,6 +10,17 @@ Terms
   it is slower (BACKGROUND.md: flashinfer's overlap lost on full NVLink for that reason). Modelled as
   compute progressing at rate 1 - contention while an exchange is in flight: overlapped
   communication time t adds contention * t to compute.
+- scheduling facts (PERFORMANCE.md section 2): `persistent_attention` (the attention kernel owns
+  every SM: an exchange that becomes ready while it runs waits for its tail; True for the H100/H200
+  built-ins, cuDNN SDPA bf16), `copy_engine_exchange` (exchanges need no SMs: never blocked, no
+  contention; False for NCCL and gloo), `launch_order_dispatch` (CUDA_DEVICE_MAX_CONNECTIONS=1:
+  kernels dispatch in host launch order; a property of the running process, so the backend sets it
+  from the environment when it resolves the profile: `with_dispatch_from_environment`).
+  With persistent attention, `contention` applies to an SM exchange that was already running when
+  the attention started (they share the SMs).
+- per-call costs: `a2a_latency` per all-to-all call, `attention_latency` per attention kernel,
+  `copy_latency` per layout-copy kernel; `a2a_local_bandwidth` charges the 1/P of a buffer that
+  stays on the rank (the whole buffer at world size 1), 0 meaning free.
 - estimate: a built-in profile whose numbers come from data sheets and BACKGROUND.md, not from this
   machine; `hcms calibrate` (hcms_compile/calibrate.py) measures a real one.
 
