@@ -17,10 +17,15 @@ Steps of `calibrate(group, sizes, repeats, device)`, run on every rank of an ini
 2. Attention: time SDPA at a tiny and at a large shape; the two give the fixed cost per call and
    the FLOP rate.
 3. Copies: time a layout copy (a permuted `contiguous`) of a large tensor; read and write count.
-4. Contention is not measured: it is the built-in estimate's for the device. The model error is a
-   fixed 5%: the pipeline model has not been checked against measured overlap, so it is not
-   derived from these timings.
+4. Overlap (`_time_overlap`): attention alone, an all-to-all alone, the all-to-all launched on a
+   side stream before the attention (sharing: gives the contention) and after it (the persistent
+   tail: the pair then takes about t_att + t_comm). On gloo CPU ranks the exchange runs on a thread
+   beside the attention, and persistent_attention is False. The model error is a fixed 5%: the
+   model was checked against the recorded H200 benches (tests/test_cost_model.py) within 5% at 16K
+   and longer, not derived from these timings.
 5. `agree` on the result.
+6. `resolve_profile` (at compile time, not here) sets launch_order_dispatch from
+   CUDA_DEVICE_MAX_CONNECTIONS (`profiles.with_dispatch_from_environment`).
 
 `main_calibrate(args)` runs those steps under torchrun (RANK and WORLD_SIZE set; NCCL on CUDA) or
 in `args.ranks` spawned CPU processes joined by gloo, and saves the profile where `load_profile`
@@ -29,6 +34,7 @@ looks for it: `$HCMS_PROFILE`, else `~/.cache/hcms_compile/profile-<device>-w<wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .passes.profiles import DeviceProfile, default_profile
+from .passes.profiles import DeviceProfile, default_profile, with_dispatch_from_environment
 from .spawn import spawn_gloo, under_torchrun
 
 FORMAT = 1
@@ -137,13 +143,13 @@ def resolve_profile(profile: DeviceProfile | str | os.PathLike[str] | None, devi
         if mismatch:
             raise ValueError(f"profile={profile if not isinstance(profile, DeviceProfile) else chosen.name!r} "
                              f"does not fit this graph: {mismatch}")
-        return chosen
+        return with_dispatch_from_environment(chosen)
     found = load_profile(device=device_slug(device), world_size=world_size)
     mismatch = profile_mismatch(found, device, world_size) if found is not None else ""
     if mismatch and os.environ.get("HCMS_PROFILE"):
         raise ValueError(f"HCMS_PROFILE={os.environ['HCMS_PROFILE']!r} does not fit this graph: {mismatch}")
     if found is not None and not mismatch:
-        return found
+        return with_dispatch_from_environment(found)
     kind = "cuda" if device.type == "cuda" else "cpu"
     name = torch.cuda.get_device_name(device) if kind == "cuda" else ""
     builtin = default_profile(kind, name, _interconnect(device, world_size or 1))
@@ -151,7 +157,7 @@ def resolve_profile(profile: DeviceProfile | str | os.PathLike[str] | None, devi
         warnings.warn(f"the saved hcms profile {profile_path(device_slug(device), world_size)} does not fit this "
                       f"graph ({mismatch}); planning with the built-in estimate {builtin.name} instead",
                       stacklevel=2)
-    return builtin
+    return with_dispatch_from_environment(builtin)
 
 
 def profile_mismatch(profile: DeviceProfile, device: torch.device, world_size: int | None) -> str:
@@ -177,6 +183,9 @@ def render_profile(profile: DeviceProfile) -> str:
         ("attention latency", f"{profile.attention_latency * 1e6:.3g} us"),
         ("copy bandwidth", f"{profile.copy_bandwidth / 1e9:.3g} GB/s read+write"),
         ("contention", f"{profile.contention:.2f}"),
+        ("persistent attention", str(profile.persistent_attention)),
+        ("copy-engine exchange", str(profile.copy_engine_exchange)),
+        ("launch-order dispatch", str(profile.launch_order_dispatch)),
         ("model error", f"{profile.model_error:.1%}"),
         ("world size", str(profile.world_size)),
     ]
@@ -268,7 +277,70 @@ def _time_copy(device: torch.device, nbytes: int, repeats: int) -> float:
     return 2 * x.numel() * x.element_size() / seconds
 
 
-# -- steps 4-5 -------------------------------------------------------------------------------------
+def _time_overlap(group: dist.ProcessGroup, device: torch.device, kind: str, tokens: int, nbytes: int,
+                  repeats: int) -> tuple[float, bool, str]:
+    """Step 4: (contention, persistent attention, what was timed).
+
+    Four runs take turns: attention alone (t_att), the all-to-all alone (t_comm), the all-to-all launched
+    on a side stream BEFORE the attention (t_before), and launched right AFTER the attention (t_after).
+    contention = (t_before - max(t_att, t_comm)) / min(t_att, t_comm), clipped to [0, 1]: the share of
+    the overlapped time that the pair did not save (0: perfect overlap, 1: as slow as one after the other).
+    The attention is persistent when the exchange launched after it runs in its tail: t_after is nearer
+    t_att + t_comm than max(t_att, t_comm). On the CPU there are no streams: the all-to-all runs on a
+    thread beside the attention (both orders are the same), and no kernel owns the cores.
+    """
+    import threading
+
+    dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    qkv = [torch.randn(1, _ATTENTION_HEADS[kind], tokens, _HEAD_DIM[kind], device=device, dtype=dtype)
+           for _ in range(3)]
+    world = dist.get_world_size(group)
+    numel = max(world, nbytes // 4 // world * world)
+    send, recv = torch.ones(numel, device=device), torch.empty(numel, device=device)
+
+    def attention() -> None:
+        F.scaled_dot_product_attention(*qkv)
+
+    def exchange() -> None:
+        dist.all_to_all_single(recv, send, group=group)
+
+    if kind == "cuda":
+        side = torch.cuda.Stream(device)
+
+        def on_side() -> None:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                exchange()
+
+        def before() -> None:
+            on_side()
+            attention()
+            torch.cuda.current_stream(device).wait_stream(side)
+
+        def after() -> None:
+            attention()
+            with torch.cuda.stream(side):  # not ordered after the attention: free to overlap it
+                exchange()
+            torch.cuda.current_stream(device).wait_stream(side)
+    else:
+        def before() -> None:
+            thread = threading.Thread(target=exchange)
+            thread.start()
+            attention()
+            thread.join()
+
+        after = before
+    t_att, t_comm, t_before, t_after = _medians([attention, exchange, before, after], repeats, device, group)
+    short, long = sorted((t_att, t_comm))
+    contention = min(1.0, max(0.0, (t_before - long) / short)) if short > 0 else 0.0
+    persistent = kind == "cuda" and t_after - long > 0.5 * short
+    what = (f"overlap of a {numel * 4} B all-to-all with that attention: alone {t_att * 1e3:.3g} ms and "
+            f"{t_comm * 1e3:.3g} ms, exchange first {t_before * 1e3:.3g} ms, attention first {t_after * 1e3:.3g} ms"
+            + ("" if kind == "cuda" else " (CPU: the exchange on a thread; no streams, no persistent kernels)"))
+    return contention, persistent, what
+
+
+# -- steps 5-6 -------------------------------------------------------------------------------------
 
 
 def _interconnect(device: torch.device, world: int) -> str:
@@ -301,6 +373,7 @@ def calibrate(group: dist.ProcessGroup | None = None, sizes: Sequence[int] | Non
     a2a_latency, a2a_bandwidth = _time_all_to_all(group, sizes, repeats)
     attention_latency, attention_flops, attention_what = _time_attention(device, kind, tokens, repeats)
     copy_bandwidth = _time_copy(device, min(_COPY_BYTES[kind], 64 * max(sizes)), repeats)
+    contention, persistent, overlap_what = _time_overlap(group, device, kind, tokens, max(sizes), repeats)
 
     if a2a_bandwidth is None:
         a2a_bandwidth = builtin.a2a_bandwidth
@@ -311,12 +384,12 @@ def calibrate(group: dist.ProcessGroup | None = None, sizes: Sequence[int] | Non
     profile = DeviceProfile(
         name=device_slug(device), a2a_bandwidth=a2a_bandwidth, a2a_latency=a2a_latency,
         attention_flops=attention_flops, attention_latency=attention_latency, copy_bandwidth=copy_bandwidth,
-        contention=builtin.contention, model_error=MODEL_ERROR, estimate=False,
-        world_size=world,
+        contention=contention, model_error=MODEL_ERROR, estimate=False,
+        world_size=world, persistent_attention=persistent,
+        copy_engine_exchange=False,  # NCCL's and gloo's all-to-alls: SM kernels or CPU threads
         source=(f"measured by hcms calibrate on {world} rank(s) over {dist.get_backend(group)}, torch "
                 f"{torch.__version__}, median of {repeats}: {exchange_what}; {attention_what}; a permuted copy; "
-                f"slowest rank's figures. Contention {builtin.contention} is not measured: it is the "
-                f"{builtin.name} estimate"),
+                f"{overlap_what}; slowest rank's figures"),
     )
     return agree(profile, group)
 
@@ -335,13 +408,14 @@ def agree(profile: DeviceProfile, group: dist.ProcessGroup | None = None) -> Dev
     dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
     a2a_latency, attention_latency, contention, model_error, estimate, *rates = values.tolist()
     a2a_bandwidth, attention_flops, copy_bandwidth = (-rate for rate in rates)
-    labels: list[object] = [(profile.name, profile.source, profile.world_size)]
+    # the remaining fields (scheduling facts, per-call costs) are rank 0's: facts of the kind of device
+    labels: list[object] = [profile]
     dist.broadcast_object_list(labels, group=group, group_src=0, device=device)
-    name, source, world_size = labels[0]
-    return DeviceProfile(name=name, a2a_bandwidth=a2a_bandwidth, a2a_latency=a2a_latency,
-                         attention_flops=attention_flops, attention_latency=attention_latency,
-                         copy_bandwidth=copy_bandwidth, contention=contention, model_error=model_error,
-                         estimate=bool(estimate), source=source, world_size=world_size)
+    first = labels[0]
+    return dataclasses.replace(first, a2a_bandwidth=a2a_bandwidth, a2a_latency=a2a_latency,
+                               attention_flops=attention_flops, attention_latency=attention_latency,
+                               copy_bandwidth=copy_bandwidth, contention=contention, model_error=model_error,
+                               estimate=bool(estimate))
 
 
 # -- the command -------------------------------------------------------------------------------------

@@ -29,17 +29,33 @@ Steps of `site_cost(site)`:
 2. Bytes of every exchange from the all-to-all node's recorded value, copy bytes per path, and the
    reassembly bytes from the output exchanges and the escapes.
 
-Steps of `predict(cost, profile, chunk_sizes)`:
-1. Write the program both streams run, in the order `schedule.pipeline_order` emits: chunk 0's and
-   chunk 1's sends, then per chunk c its receive copies, attention, output copy and output
-   all-to-all, then chunk c+2's send; finally the reassembly, after every output all-to-all. One
-   chunk is the plain site.
-2. Run it as an event loop: an all-to-all starts when it is issued and the comm stream is free; a
-   compute step starts when the compute stream is free and the all-to-alls it waits on are done, and
-   progresses at rate 1 - contention while an all-to-all is in flight.
-3. The site's time is when both streams are done; the same loop on one chunk gives the plain time
-   and the gain. Chunk 0's input exchanges and the last chunk's output exchanges never overlap
-   attention, so they are never hidden.
+- fused: each chunk's input exchanges run as ONE all-to-all (one latency, the summed bytes), and its
+  output exchanges as one. The plain site can be fused too (one chunk).
+- SM exchange: an all-to-all run by kernels on the SMs (NCCL); a copy-engine exchange
+  (`profile.copy_engine_exchange`) moves bytes without SMs.
+- persistent attention (`profile.persistent_attention`): the attention kernel holds every SM while
+  it runs (cuDNN SDPA bf16 on Hopper: one 232 KB CTA per SM).
+- contention: the fraction of overlapped SM-exchange time added to compute that shares the SMs.
+
+Steps of `predict(cost, profile, chunk_sizes, fused, order)`:
+1. Write the kernels in host issue order. `INPUTS_FIRST` (what schedule.py emits): every chunk's send
+   copies and input all-to-alls, in chunk order; then per chunk c its receive copies, attention,
+   output copy and output all-to-all; then the reassembly, after every output all-to-all.
+   `LOOKAHEAD` (what the recorded benches ran): chunks 0 and 1's sends, then chunk c+2's after
+   chunk c's output all-to-all. One chunk is the site in one piece.
+2. Run them through time on two FIFO streams. A compute step starts when the compute stream is free
+   and the all-to-alls it waits on are done. An all-to-all starts when the comm stream is free and
+   every compute step issued before it is done (ProcessGroupNCCL's syncStream), and then:
+   (a) an SM exchange that becomes ready while a persistent attention kernel runs waits for its end;
+   (b) compute that runs beside an SM exchange progresses at rate 1 - contention;
+   (c) an SM exchange and a persistent attention ready at the same moment: with several hardware
+       queues the attention wins and (a) applies; with dispatch in launch order
+       (`profile.launch_order_dispatch`) the one issued first goes first, and an exchange that goes
+       first shares by (b);
+   (d) a copy-engine exchange starts as soon as it is ready and slows nothing (contention 0).
+   Non-persistent attention follows (b) alone, the model before these rules.
+3. The site's time is when both streams are done; gains are against the plain site as traced (one
+   chunk, unfused, same order).
 `plan.choose_chunks` compares these predictions to pick a site's chunk count.
 """
 
@@ -95,6 +111,8 @@ class Prediction:
     rho: float  # comm / (comm + attention) of the plain site
     gain_s: float  # plain time minus this time
     gain: float  # gain_s / plain time
+    fused: bool = False  # each chunk's input exchanges ran as one all-to-all, and its output exchanges as one
+    order: str = "inputs_first"  # the emitted order predicted (ORDERS)
 
 
 # -- steps 1-2 of site_cost ------------------------------------------------------------------------
@@ -148,94 +166,166 @@ def site_cost(site: Site) -> SiteCost:
 
 # -- steps 1-3 of predict --------------------------------------------------------------------------
 
+INPUTS_FIRST = "inputs_first"  # every chunk's sends and input all-to-alls first (schedule.py's new order)
+LOOKAHEAD = "lookahead"  # chunks 0 and 1's sends, then chunk c+2's after chunk c's output (the recorded benches)
+ORDERS = (INPUTS_FIRST, LOOKAHEAD)
+_EPS = 1e-15  # seconds: events closer than this happen at the same moment
+
 
 @dataclass(frozen=True)
-class _Issue:  # the compute stream issues an all-to-all (costs it nothing) onto the comm stream
-    key: str
+class _Step:
+    """One kernel of the program, in host issue order.
+
+    A compute step (`comm` False) runs on the compute stream after the previous one and after the
+    all-to-alls named in `waits`; a comm step runs on the comm stream after the previous one and
+    after every compute step issued before it (ProcessGroupNCCL's syncStream).
+    """
+
+    comm: bool
     seconds: float
+    kind: str  # "copy", "attention" or "exchange"
+    key: str = ""  # comm steps: the exchange it belongs to ("in0", "out1"); several steps may share one
+    waits: tuple[str, ...] = ()  # compute steps: exchanges that must be complete
 
 
-@dataclass(frozen=True)
-class _Compute:  # compute-stream work that first waits for the named all-to-alls
-    seconds: float
-    waits: tuple[str, ...] = ()
-
-
-def _program(cost: SiteCost, profile: DeviceProfile,
-             chunk_sizes: tuple[int, ...]) -> tuple[list[_Issue | _Compute], float, float, float]:
-    """The site's steps in pipeline order, and its total all-to-all, attention and copy seconds."""
+def _program(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[int, ...], fused: bool,
+             order: str) -> list[_Step]:
+    """The site's kernels in the order `order` issues them (step 1 of `predict`)."""
     crossing = (cost.world_size - 1) / cost.world_size
 
-    def exchange(buffers: tuple[int, ...], share: float) -> float:
-        return sum(profile.a2a_latency + share * b * crossing / profile.a2a_bandwidth for b in buffers)
+    def exchanges(key: str, buffers: tuple[int, ...], share: float) -> list[_Step]:
+        groups = [sum(buffers)] if fused and buffers else list(buffers)
+        out = []
+        for b in groups:
+            seconds = profile.a2a_latency + share * b * crossing / profile.a2a_bandwidth
+            if profile.a2a_local_bandwidth > 0:  # the 1/P that stays is copied by the exchange kernel too
+                seconds += 2 * share * b / cost.world_size / profile.a2a_local_bandwidth
+            out.append(_Step(True, seconds, "exchange", key=key))
+        return out
 
-    def copy(nbytes: float) -> float:
-        return 2 * nbytes / profile.copy_bandwidth
+    def copy(nbytes: float, kernels: int, waits: tuple[str, ...] = ()) -> list[_Step]:
+        if nbytes <= 0:  # no kernel: a zero-length step would sit between a race's two kernels
+            return []
+        return [_Step(False, kernels * profile.copy_latency + 2 * nbytes / profile.copy_bandwidth, "copy",
+                      waits=waits)]
 
+    n_in, n_out = len(cost.input_bytes), len(cost.output_bytes)
     shares = [size / cost.local_heads for size in chunk_sizes]
-    sends = [[_Compute(copy(share * cost.send_copy_bytes)), _Issue(f"in{c}", exchange(cost.input_bytes, share))]
+    sends = [copy(share * cost.send_copy_bytes, n_in) + exchanges(f"in{c}", cost.input_bytes, share)
              for c, share in enumerate(shares)]
-    program: list[_Issue | _Compute] = [step for send in sends[:2] for step in send]
-    attention_s = 0.0
-    for c, share in enumerate(shares):
+
+    def attend(c: int, share: float) -> list[_Step]:
         attention = profile.attention_latency + share * cost.attention_flops / profile.attention_flops
-        attention_s += attention
-        work = copy(share * (cost.receive_copy_bytes + cost.output_copy_bytes)) + attention
-        program += [_Compute(work, waits=(f"in{c}",)), _Issue(f"out{c}", exchange(cost.output_bytes, share))]
-        if c + 2 < len(sends):
+        return [*copy(share * cost.receive_copy_bytes, n_in, waits=(f"in{c}",)),
+                _Step(False, attention, "attention", waits=(f"in{c}",)),
+                *copy(share * cost.output_copy_bytes, n_out),
+                *exchanges(f"out{c}", cost.output_bytes, share)]
+
+    ahead = len(shares) if order == INPUTS_FIRST else 2
+    program = [step for send in sends[:ahead] for step in send]
+    for c, share in enumerate(shares):
+        program += attend(c, share)
+        if order == LOOKAHEAD and c + 2 < len(sends):
             program += sends[c + 2]
-    reassembly = copy(cost.reassembly_bytes) if len(chunk_sizes) > 1 else 0.0
-    program.append(_Compute(reassembly, waits=tuple(f"out{c}" for c in range(len(shares)))))
-    comm_s = sum(step.seconds for step in program if isinstance(step, _Issue))
-    copy_s = sum(step.seconds for step in program if isinstance(step, _Compute)) - attention_s
-    return program, comm_s, attention_s, copy_s
+    outs = tuple(f"out{c}" for c in range(len(shares)))
+    reassembly = cost.reassembly_bytes if len(chunk_sizes) > 1 else 0
+    program += copy(reassembly, 1, waits=outs) or [_Step(False, 0.0, "copy", waits=outs)]
+    return program
 
 
-def _finish(start: float, work: float, busy: list[tuple[float, float]], contention: float) -> float:
-    """When compute work started at `start` ends, slowed to rate 1 - contention inside `busy`.
+@dataclass
+class _Stream:
+    steps: list[int]  # indices into the program, in issue order
+    head: int = 0  # the next step to start
+    running: int | None = None
+    left: float = 0.0  # compute: work left (seconds at full rate); comm: the end time
 
-    `busy` holds the comm stream's intervals, sorted and disjoint (one stream, one call at a time).
+
+def _simulate(program: list[_Step], profile: DeviceProfile) -> tuple[float, float, float]:
+    """Step 2 of `predict`: run both streams through time.
+
+    Returns the wall time, the compute stream's busy time and the comm stream's busy time.
     """
-    t, left = start, work
-    rate = 1.0 - contention
-    for begin, end in busy:
-        if end <= t:
-            continue
-        if begin > t:
-            if left <= begin - t:
-                return t + left
-            left -= begin - t
-            t = begin
-        if rate > 0 and left <= (end - t) * rate:
-            return t + left / rate
-        left -= (end - t) * rate
-        t = end
-    return t + left
-
-
-def _simulate(program: list[_Issue | _Compute], contention: float) -> tuple[float, float]:
-    """Run both streams; returns the wall time and the compute stream's busy time."""
-    compute_free = comm_free = busy_s = 0.0
-    done: dict[str, float] = {}
-    busy: list[tuple[float, float]] = []
+    sm_exchange = not profile.copy_engine_exchange
+    contention = profile.contention if sm_exchange else 0.0
+    compute = _Stream([i for i, s in enumerate(program) if not s.comm])
+    comm = _Stream([i for i, s in enumerate(program) if s.comm])
+    finished: dict[int, float] = {}
+    pending: dict[str, int] = {}  # exchange key -> comm steps not yet finished
     for step in program:
-        if isinstance(step, _Issue):
-            start = max(compute_free, comm_free)
-            comm_free = start + step.seconds
-            busy.append((start, comm_free))
-            done[step.key] = comm_free
-        else:
-            start = max([compute_free, *(done[key] for key in step.waits)])
-            compute_free = _finish(start, step.seconds, busy, contention)
-            busy_s += compute_free - start
-    return max(compute_free, comm_free), busy_s
+        if step.comm:
+            pending[step.key] = pending.get(step.key, 0) + 1
+    t = compute_busy = comm_busy = 0.0
+
+    def ready(stream: _Stream) -> int | None:
+        if stream.running is not None or stream.head >= len(stream.steps):
+            return None
+        i = stream.steps[stream.head]
+        step = program[i]
+        if step.comm:  # syncStream: every compute step issued before it is done
+            return i if all(j in finished for j in compute.steps if j < i) else None
+        return i if all(pending[key] == 0 for key in step.waits) else None
+
+    def start(stream: _Stream, i: int) -> None:
+        stream.running, stream.head = i, stream.head + 1
+        stream.left = program[i].seconds if not program[i].comm else t + program[i].seconds
+
+    def owns_the_gpu() -> bool:  # a persistent attention kernel is running: no SM is free
+        i = compute.running
+        return i is not None and profile.persistent_attention and program[i].kind == "attention"
+
+    while compute.running is not None or comm.running is not None or \
+            compute.head < len(compute.steps) or comm.head < len(comm.steps):
+        c, m = ready(compute), ready(comm)
+        if c is not None and m is not None and sm_exchange and profile.persistent_attention \
+                and program[c].kind == "attention" and profile.launch_order_dispatch and m < c:
+            # rule (c) with one hardware queue: dispatch follows launch order, the exchange goes first and
+            # the attention kernel starting beside it shares the SMs (rule b)
+            start(comm, m)
+            m = None
+        if c is not None:
+            # rule (c) with several queues: an attention kernel ready at the same moment as an exchange takes
+            # every SM first, so the exchange is blocked just below
+            start(compute, c)
+        if m is not None and not (sm_exchange and owns_the_gpu()):
+            start(comm, m)  # rule (a) otherwise: it waits for the persistent kernel's end
+        if compute.running is None and comm.running is None:
+            raise RuntimeError("the cost model's program deadlocked; this is a bug in _program")
+        # step to the next completion; compute runs at 1 - contention while an SM exchange shares the GPU
+        rate = 1.0 - contention if comm.running is not None else 1.0
+        ends = []
+        if compute.running is not None and rate > 0:
+            ends.append(t + compute.left / rate)
+        if comm.running is not None:
+            ends.append(comm.left)
+        nxt = min(ends)
+        if compute.running is not None:
+            compute.left -= (nxt - t) * rate
+            compute_busy += nxt - t
+            if compute.left <= _EPS * max(1.0, program[compute.running].seconds):
+                finished[compute.running] = nxt
+                compute.running = None
+        if comm.running is not None:
+            comm_busy += nxt - t
+            if comm.left <= nxt + _EPS:
+                finished[comm.running] = nxt
+                pending[program[comm.running].key] -= 1
+                comm.running = None
+        t = nxt
+    return t, compute_busy, comm_busy
 
 
 def predict_against(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[int, ...],
-                    plain: Prediction | None) -> Prediction:
-    """The prediction for `chunk_sizes`; `plain` is the plain site's, or None when this run is the plain site."""
-    program, comm_s, attention_s, copy_s = _program(cost, profile, chunk_sizes)
-    time_s, busy_s = _simulate(program, profile.contention)
+                    plain: Prediction | None, fused: bool = False, order: str = INPUTS_FIRST) -> Prediction:
+    """The prediction for `chunk_sizes`; `plain` is the plain site's, or None when this run is the plain
+    site (then `fused` must be False: the plain site is the graph as traced)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    program = _program(cost, profile, chunk_sizes, fused, order)
+    time_s, busy_s, _ = _simulate(program, profile)
+    comm_s = sum(step.seconds for step in program if step.comm)
+    attention_s = sum(step.seconds for step in program if step.kind == "attention")
+    copy_s = sum(step.seconds for step in program if step.kind == "copy")
     if plain is None:
         plain_time = time_s
         rho = comm_s / (comm_s + attention_s) if comm_s + attention_s > 0 else 0.0
@@ -244,7 +334,8 @@ def predict_against(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[i
     gain_s = plain_time - time_s
     return Prediction(chunks=chunk_sizes, comm_s=comm_s, compute_s=attention_s, copy_s=copy_s,
                       contention_s=busy_s - attention_s - copy_s, time_s=time_s, exposed_comm_s=time_s - busy_s,
-                      rho=rho, gain_s=gain_s, gain=gain_s / plain_time if plain_time > 0 else 0.0)
+                      rho=rho, gain_s=gain_s, gain=gain_s / plain_time if plain_time > 0 else 0.0, fused=fused,
+                      order=order)
 
 
 def _check_sizes(cost: SiteCost, chunk_sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -256,8 +347,13 @@ def _check_sizes(cost: SiteCost, chunk_sizes: tuple[int, ...]) -> tuple[int, ...
     return sizes
 
 
-def predict(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[int, ...]) -> Prediction:
-    """The predicted time of `cost`'s site run with `chunk_sizes` local heads per chunk (one entry: plain)."""
+def predict(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[int, ...], fused: bool = False,
+            order: str = INPUTS_FIRST) -> Prediction:
+    """The predicted time of `cost`'s site run with `chunk_sizes` local heads per chunk (one entry: the
+    site in one chunk), each chunk's exchanges fused into one all-to-all each way when `fused`, in the
+    emitted `order`. Gains are against the plain site as traced (one chunk, unfused)."""
     sizes = _check_sizes(cost, chunk_sizes)
-    plain = predict_against(cost, profile, (cost.local_heads,), None)
-    return plain if len(sizes) == 1 else predict_against(cost, profile, sizes, plain)
+    plain = predict_against(cost, profile, (cost.local_heads,), None, order=order)
+    if len(sizes) == 1 and not fused:
+        return plain
+    return predict_against(cost, profile, sizes, plain, fused, order)

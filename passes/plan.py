@@ -12,9 +12,12 @@ Steps:
 1. `validate_chunks` rejects malformed specs before any graph is touched (a clear error).
 2. `chunk_sizes` turns a count or explicit sizes into sizes for one site, or a skip reason when the
    spec does not fit that site (more chunks than units, sizes that do not sum to the heads).
-3. With "auto", `choose_chunks` predicts (`cost_model.predict_against`) the plain site and every even
-   split into 2..8 chunks that the exactness policy accepts, takes the fastest, and keeps it only if
-   it beats the plain site by more than the profile's model error; otherwise the site stays plain.
+3. With "auto", `choose_chunks` predicts (`cost_model.predict_against`) the plain site, the plain
+   site with its exchanges fused (one all-to-all for q, k and v), and every even split into 2..8
+   chunks that the exactness policy accepts, each unfused and fused; takes the fastest, and keeps it
+   only if it beats the plain site by more than the profile's model error; otherwise the site stays
+   plain. `Choice.fused` says which exchange form won; `plan_site` offers only the forms the rewrite
+   emits (`FUSED_FORMS`).
 4. `plan_site` asks `exactness.judge` how close the chunked kernel stays to the unchunked one
    (bitwise, within its run-to-run variation, or rounding only); a grade the exactness policy
    does not accept is a skip, an accepted one is planned and reported.
@@ -41,6 +44,9 @@ from .symbolic import SYMBOLIC, hint, is_symbolic
 AUTO = "auto"
 MAX_AUTO_CHUNKS = 8
 ChunkSpec = int | Sequence[int] | str
+# The exchange forms `plan_site` lets "auto" choose from. The rewrite emits one all-to-all per tensor
+# until ChunkPlan carries `fused` (Choice.fused says what the model preferred); then this becomes (False, True).
+FUSED_FORMS: tuple[bool, ...] = (False,)
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,8 @@ class Choice:
     reason: str
     plain: Prediction
     best: Prediction  # the fastest accepted candidate (the plain site when there is none)
-    candidates: tuple[Prediction, ...]  # every accepted candidate, in increasing C
+    candidates: tuple[Prediction, ...]  # every accepted candidate, in increasing C, unfused before fused
+    fused: bool = False  # the chosen form exchanges each chunk's tensors in one all-to-all per direction
 
 
 @dataclass(frozen=True)
@@ -130,11 +137,20 @@ def _percent(x: float) -> str:
     return f"{x * 100:.1f}%" if abs(x) < 0.1 else f"{x * 100:.0f}%"
 
 
+def _form(prediction: Prediction) -> str:
+    c = len(prediction.chunks)
+    name = "plain" if c == 1 else f"C={c}"
+    return f"{name} fused" if prediction.fused else name
+
+
 def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int = 1,
                   max_chunks: int = MAX_AUTO_CHUNKS,
-                  accept: Callable[[tuple[int, ...]], bool] | None = None) -> Choice:
-    """The chunk sizes (in local heads) for a site of `units` chunkable units of `group` query heads
-    each; `accept` drops candidates the exactness policy refuses."""
+                  accept: Callable[[tuple[int, ...]], bool] | None = None,
+                  fused: Sequence[bool] = (False, True)) -> Choice:
+    """The chunk sizes (in local heads) and exchange form for a site of `units` chunkable units of
+    `group` query heads each; `accept` drops chunkings the exactness policy refuses; `fused` lists the
+    exchange forms to consider (False: one all-to-all per tensor, as traced; True: one per chunk and
+    direction). With True the plain site fused (one chunk) is a candidate too."""
     if units < 1 or group < 1 or max_chunks < 1:
         raise ValueError(f"units, group and max_chunks must be >= 1, got {units}, {group}, {max_chunks}")
     if units * group != cost.local_heads:
@@ -142,26 +158,31 @@ def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int
     plain = predict_against(cost, profile, (cost.local_heads,), None)
     splits = [tuple(u * group for u in even_split(units, c)) for c in range(2, min(units, max_chunks) + 1)]
     allowed = [sizes for sizes in splits if accept is None or accept(sizes)]
-    candidates = tuple(predict_against(cost, profile, sizes, plain) for sizes in allowed)
+    forms = sorted(set(fused))  # unfused first: a tie keeps the form as traced
+    # a fused exchange of several tensors changes nothing when each direction has one tensor already
+    fusable = len(cost.input_bytes) > 1 or len(cost.output_bytes) > 1
+    forms = [f for f in forms if not f or fusable]
+    candidates = [predict_against(cost, profile, (cost.local_heads,), plain, True)] if True in forms else []
+    candidates += [predict_against(cost, profile, sizes, plain, f) for sizes in allowed for f in forms]
     if not candidates:
         what = "KV head" if group > 1 else "local head"
         reason = f"one {what}: nothing to chunk" if not splits else "no chunking the exactness policy accepts"
         return Choice((cost.local_heads,), reason, plain, plain, ())
     best = candidates[0]
     for candidate in candidates[1:]:
-        if candidate.time_s < best.time_s:  # strict: a tie keeps the smaller C
+        if candidate.time_s < best.time_s:  # strict: a tie keeps the smaller C, then the unfused form
             best = candidate
-    c = len(best.chunks)
+    form = _form(best)
     if best.gain_s > 0 and best.gain_s >= profile.model_error * plain.time_s:
-        reason = f"C={c} predicted {_percent(best.gain)} faster (rho {_percent(plain.rho)})"
-        return Choice(best.chunks, reason, plain, best, candidates)
+        reason = f"{form} predicted {_percent(best.gain)} faster (rho {_percent(plain.rho)})"
+        return Choice(best.chunks, reason, plain, best, tuple(candidates), best.fused)
     if plain.rho < profile.model_error:
         reason = f"rho {_percent(plain.rho)}: nothing to hide"
     elif best.gain_s <= 0:
-        reason = f"best C={c} predicted {_percent(-best.gain)} slower (rho {_percent(plain.rho)}): left alone"
+        reason = f"best {form} predicted {_percent(-best.gain)} slower (rho {_percent(plain.rho)}): left alone"
     else:
-        reason = f"best C={c} gains {_percent(best.gain)} < model error {_percent(profile.model_error)}: left alone"
-    return Choice((cost.local_heads,), reason, plain, best, candidates)
+        reason = f"best {form} gains {_percent(best.gain)} < model error {_percent(profile.model_error)}: left alone"
+    return Choice((cost.local_heads,), reason, plain, best, tuple(candidates))
 
 
 def fusion_keys(exchanges: Sequence[object]) -> list[object]:
@@ -219,7 +240,7 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
                 refused.append(grade)
             return accepts(policy, grade)
 
-        choice = choose_chunks(cost, profile, site.local_heads // group, group, accept=accept)
+        choice = choose_chunks(cost, profile, site.local_heads // group, group, accept=accept, fused=FUSED_FORMS)
         note = _hint_note(query, key)
         if len(choice.chunk_sizes) == 1:
             symbolic = next((grade for grade in refused if grade.symbolic), None)

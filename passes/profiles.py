@@ -10,6 +10,17 @@ Terms
   it is slower (BACKGROUND.md: flashinfer's overlap lost on full NVLink for that reason). Modelled as
   compute progressing at rate 1 - contention while an exchange is in flight: overlapped
   communication time t adds contention * t to compute.
+- scheduling facts (PERFORMANCE.md section 2): `persistent_attention` (the attention kernel owns
+  every SM: an exchange that becomes ready while it runs waits for its tail; True for the H100/H200
+  built-ins, cuDNN SDPA bf16), `copy_engine_exchange` (exchanges need no SMs: never blocked, no
+  contention; False for NCCL and gloo), `launch_order_dispatch` (CUDA_DEVICE_MAX_CONNECTIONS=1:
+  kernels dispatch in host launch order; a property of the running process, so the backend sets it
+  from the environment when it resolves the profile: `with_dispatch_from_environment`).
+  With persistent attention, `contention` applies to an SM exchange that was already running when
+  the attention started (they share the SMs).
+- per-call costs: `a2a_latency` per all-to-all call, `attention_latency` per attention kernel,
+  `copy_latency` per layout-copy kernel; `a2a_local_bandwidth` charges the 1/P of a buffer that
+  stays on the rank (the whole buffer at world size 1), 0 meaning free.
 - estimate: a built-in profile whose numbers come from data sheets and BACKGROUND.md, not from this
   machine; `hcms calibrate` (hcms_compile/calibrate.py) measures a real one.
 
@@ -24,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,19 +56,27 @@ class DeviceProfile:
     estimate: bool  # True for built-in guesses, False for measured profiles
     source: str  # how the numbers were obtained
     world_size: int | None = None  # the world size the profile was measured at, if measured
+    # -- scheduling facts (PERFORMANCE.md section 2); defaults keep profiles saved before them loading --
+    persistent_attention: bool = False  # the attention kernel owns every SM (cuDNN SDPA bf16 on Hopper)
+    copy_engine_exchange: bool = False  # exchanges run on copy engines, not as SM kernels (NCCL: False)
+    launch_order_dispatch: bool = False  # kernels dispatch in host launch order (CUDA_DEVICE_MAX_CONNECTIONS=1)
+    # -- per-call costs --
+    copy_latency: float = 0.0  # s of fixed cost per layout-copy kernel
+    a2a_local_bandwidth: float = 0.0  # bytes/s read+write of the part of a buffer that stays on the rank; 0: free
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"DeviceProfile.name must be a non-empty string, got {self.name!r}")
         for field in ("a2a_bandwidth", "attention_flops", "copy_bandwidth"):
             _check_number(field, getattr(self, field), positive=True)
-        for field in ("a2a_latency", "attention_latency", "model_error"):
+        for field in ("a2a_latency", "attention_latency", "model_error", "copy_latency", "a2a_local_bandwidth"):
             _check_number(field, getattr(self, field), positive=False)
         _check_number("contention", self.contention, positive=False)
         if self.contention > 1:
             raise ValueError(f"DeviceProfile.contention must be in [0, 1], got {self.contention!r}")
-        if not isinstance(self.estimate, bool):
-            raise ValueError(f"DeviceProfile.estimate must be a bool, got {self.estimate!r}")
+        for field in ("estimate", "persistent_attention", "copy_engine_exchange", "launch_order_dispatch"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"DeviceProfile.{field} must be a bool, got {getattr(self, field)!r}")
         if not isinstance(self.source, str):
             raise ValueError(f"DeviceProfile.source must be a string, got {self.source!r}")
         ws = self.world_size
@@ -125,7 +146,7 @@ def _hopper(gpu: str, link: str) -> DeviceProfile:
     return DeviceProfile(
         name=f"{gpu}-{link}", a2a_bandwidth=bandwidth, a2a_latency=latency, attention_flops=_HOPPER_ATTENTION,
         attention_latency=_ATTENTION_LATENCY, copy_bandwidth=_COPY[gpu], contention=contention,
-        model_error=_ESTIMATE_ERROR, estimate=True,
+        model_error=_ESTIMATE_ERROR, estimate=True, persistent_attention=True,
         source=(f"built-in estimate for {gpu.upper()} over {link}: attention 600 TFLOP/s from BACKGROUND.md's "
                 f"560-680 TFLOP/s measured on an H200; permuted copies at {_COPY[gpu] / 1e12:.2f} TB/s read+write "
                 f"(measured on an H200{'' if gpu == 'h200' else ', scaled by HBM bandwidth'}); {why}. "
@@ -143,6 +164,23 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
     ),
     **{f"{gpu}-{link}": _hopper(gpu, link) for gpu in ("h100", "h200") for link in INTERCONNECTS},
 }
+
+
+def with_dispatch_from_environment(profile: DeviceProfile, environ: Mapping[str, str] | None = None) -> DeviceProfile:
+    """`profile` with `launch_order_dispatch` read from CUDA_DEVICE_MAX_CONNECTIONS, where that is set.
+
+    The variable is read when the backend resolves the profile, not when it was measured: it is a
+    property of the process that runs the compiled graph. Unset, the profile's own value stands (a
+    profile the user built by hand keeps what it says); "1" means one hardware queue, so kernels
+    dispatch in host launch order; any other value means several queues. Every rank of a job is
+    normally started with the same environment, so every rank still holds the same profile.
+    """
+    value = (os.environ if environ is None else environ).get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if value is None:
+        return profile
+    ordered = value.strip() == "1"
+    return profile if ordered == profile.launch_order_dispatch else dataclasses.replace(
+        profile, launch_order_dispatch=ordered)
 
 
 def default_profile(device_type: str, device_name: str = "", interconnect: str = "nvlink") -> DeviceProfile:

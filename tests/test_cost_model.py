@@ -9,10 +9,15 @@ import pytest
 import torch
 import torch.distributed._functional_collectives as funcol
 from functorch.compile import make_boxed_func
-from hcms_compile.passes.cost_model import SiteCost, predict, site_cost
+from hcms_compile.passes.cost_model import LOOKAHEAD, SiteCost, predict, site_cost
 from hcms_compile.passes.match import Site, match_sites, value_of
 from hcms_compile.passes.plan import Choice, choose_chunks, even_split
-from hcms_compile.passes.profiles import BUILTIN_PROFILES, DeviceProfile, default_profile
+from hcms_compile.passes.profiles import (
+    BUILTIN_PROFILES,
+    DeviceProfile,
+    default_profile,
+    with_dispatch_from_environment,
+)
 from torch._dynamo.backends.common import aot_autograd
 
 from hcms_compile.testing import ranks
@@ -192,13 +197,22 @@ def test_two_chunks_by_hand():
     assert slowed.contention_s == pytest.approx(0.5 * (2 + 1))
 
 
-def test_three_chunks_issue_each_output_before_the_next_input():
+def test_three_chunks_in_the_lookahead_order_issue_each_output_before_the_next_input():
+    # the order the recorded benches ran (chunk c+2's send after chunk c's output)
     cost = _cost(3, inputs=(6,), attention=6, outputs=(3,))
     # in0 [0,2]; in1 [2,4] beside attention0 [2,4]; out0 [4,5] goes before in2 [5,7]; attention1 [4,6];
     # out1 [7,8]; attention2 waits for in2: [7,9]; out2 [9,10]. (in2 before out0 would end at 9.)
-    three = predict(cost, _profile(), (1, 1, 1))
+    three = predict(cost, _profile(), (1, 1, 1), order=LOOKAHEAD)
     assert three.time_s == pytest.approx(10)
     assert three.exposed_comm_s == pytest.approx(2 + 1 + 1)
+
+
+def test_three_chunks_in_the_inputs_first_order():
+    cost = _cost(3, inputs=(6,), attention=6, outputs=(3,))
+    # every input first: in0 [0,2], in1 [2,4], in2 [4,6]; attention0 [2,4], attention1 [4,6], attention2 [6,8];
+    # the outputs queue behind the inputs: out0 [6,7], out1 [7,8], out2 [8,9]
+    three = predict(cost, _profile(), (1, 1, 1))
+    assert three.time_s == pytest.approx(9) and three.order == "inputs_first"
 
 
 def test_full_contention_stops_compute_while_an_exchange_runs():
@@ -371,3 +385,156 @@ def test_background_figures_chunk_on_pcie_but_not_on_nvlink():
     assert 25e-3 < nvlink.plain.compute_s < 30e-3
     assert nvlink.chunk_sizes == (10,) and "nothing to hide" in nvlink.reason
     assert len(pcie.chunk_sizes) > 1 and pcie.plain.rho > 0.2
+
+
+# -- the Hopper scheduling rules (PERFORMANCE.md section 2) ------------------------------------------
+
+
+def _two_tensor_site() -> SiteCost:
+    """2 chunks; per chunk: two input exchanges of 1 s, a 0.5 s receive copy (at copy_bandwidth 4),
+    3 s of attention, one 1 s output exchange."""
+    return dataclasses.replace(_cost(2, inputs=(2, 2), attention=6, outputs=(2,)), receive_copy_bytes=2)
+
+
+def test_rule_b_an_exchange_already_running_shares_with_a_starting_attention():
+    # not persistent, contention 0: in0 [0,2]; copy0 [2,2.5]; in1a [2,3] and in1b [3,4] beside attention0
+    # [2.5,5.5]; copy1 [5.5,6]; out0 [5.5,6.5] beside attention1 [6,9]; out1 [9,10]
+    assert predict(_two_tensor_site(), _profile(copy_bandwidth=4.0), (1, 1)).time_s == pytest.approx(10)
+
+
+def test_rule_a_an_exchange_ready_under_a_persistent_attention_waits_for_its_end():
+    # in1a [2,3] was running when attention0 started at 2.5 (rule b: shares); in1b becomes ready at 3 under
+    # the persistent kernel and waits for its end: [5.5,6.5]; copy1 [6.5,7]; out0 [6.5,7.5]; attention1 [7,10]
+    # starts while out0 runs (shares); out1 [10,11]
+    profile = _profile(copy_bandwidth=4.0, persistent_attention=True)
+    assert predict(_two_tensor_site(), profile, (1, 1)).time_s == pytest.approx(11)
+    # contention 0.5: copy0 beside in1a takes [2,3]; attention0 and in1b are ready together at 3, and the
+    # queued attention wins (rule c): [3,6]; in1b [6,7]; copy1 beside out0 [7,8]; attention1 [8,11]; out1 [11,12]
+    slowed = predict(_two_tensor_site(), dataclasses.replace(profile, contention=0.5), (1, 1))
+    assert slowed.time_s == pytest.approx(12)
+
+
+def test_rule_c_the_race_at_an_attention_boundary():
+    cost = _cost(2, inputs=(4,), attention=6, outputs=(2,))
+    persistent = _profile(persistent_attention=True)
+    # several hardware queues: at 2, attention0 (queued) beats in1: in1 [5,7]; attention1 [7,10]; out0 ready at
+    # 7 with attention1 and loses again: [10,11]; out1 [11,12]: no overlap at all, the plain site's 12 s
+    assert predict(cost, persistent, (1, 1)).time_s == pytest.approx(12)
+    # launch order (CUDA_DEVICE_MAX_CONNECTIONS=1): in1 and out0 were launched before the attention they race,
+    # so they go first and share: in1 [2,4], attention0 [2,5]; out0 [5,6], attention1 [5,8]; out1 [8,9]
+    ordered = dataclasses.replace(persistent, launch_order_dispatch=True)
+    assert predict(cost, ordered, (1, 1)).time_s == pytest.approx(9)
+    # sharing costs contention: the old model's 10.5 s (see test_two_chunks_by_hand)
+    assert predict(cost, dataclasses.replace(ordered, contention=0.5), (1, 1)).time_s == pytest.approx(10.5)
+
+
+def test_rule_d_copy_engine_exchanges_overlap_fully():
+    # persistent attention does not block them and contention does not apply: the non-persistent, contention-0 10 s
+    profile = _profile(copy_bandwidth=4.0, persistent_attention=True, copy_engine_exchange=True, contention=0.9)
+    assert predict(_two_tensor_site(), profile, (1, 1)).time_s == pytest.approx(10)
+    cost = _cost(2, inputs=(4,), attention=6, outputs=(2,))
+    assert predict(cost, dataclasses.replace(profile, copy_bandwidth=1.0), (1, 1)).time_s == pytest.approx(9)
+
+
+def test_fused_exchanges_pay_one_latency_per_chunk_and_direction():
+    cost = _cost(2, inputs=(1, 1, 1), attention=0.5, outputs=(1,))
+    profile = _profile(a2a_latency=0.25)
+    plain, fused_plain = predict(cost, profile, (2,)), predict(cost, profile, (2,), fused=True)
+    assert plain.time_s == pytest.approx(3 + 0.5 + 1 + 4 * 0.25)
+    assert fused_plain.fused and fused_plain.time_s == pytest.approx(plain.time_s - 2 * 0.25)
+    assert fused_plain.gain_s == pytest.approx(0.5)  # against the plain site as traced
+    two, two_fused = predict(cost, profile, (1, 1)), predict(cost, profile, (1, 1), fused=True)
+    assert two.comm_s - two_fused.comm_s == pytest.approx(2 * 2 * 0.25)
+
+
+def test_choose_chunks_compares_fused_and_unfused_forms():
+    cost = _cost(4, inputs=(1, 1, 1), attention=1, outputs=(1,))
+    choice = choose_chunks(cost, _profile(a2a_latency=0.5), units=4)
+    forms = [(len(c.chunks), c.fused) for c in choice.candidates]
+    assert forms == [(1, True), (2, False), (2, True), (3, False), (3, True), (4, False), (4, True)]
+    assert choice.fused and choice.best.fused and choice.reason.split(" predicted")[0].endswith("fused")
+    unfused = choose_chunks(cost, _profile(a2a_latency=0.5), units=4, fused=(False,))
+    assert not unfused.fused and all(not c.fused for c in unfused.candidates)
+
+
+def test_new_profile_fields_default_so_old_profiles_load():
+    old = {k: v for k, v in _profile().to_json().items()
+           if k not in ("persistent_attention", "copy_engine_exchange", "launch_order_dispatch", "copy_latency",
+                        "a2a_local_bandwidth")}
+    loaded = DeviceProfile.from_json(old)
+    assert not (loaded.persistent_attention or loaded.copy_engine_exchange or loaded.launch_order_dispatch)
+    assert BUILTIN_PROFILES["h200-nvlink"].persistent_attention and BUILTIN_PROFILES["h100-ib"].persistent_attention
+    assert not BUILTIN_PROFILES["cpu-gloo"].persistent_attention
+    with pytest.raises(ValueError, match="persistent_attention"):
+        DeviceProfile(**{**_profile().to_json(), "persistent_attention": 1})
+
+
+def test_dispatch_order_is_read_from_the_environment():
+    profile = BUILTIN_PROFILES["h200-nvlink"]
+    assert with_dispatch_from_environment(profile, {}) is profile
+    assert with_dispatch_from_environment(profile, {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}).launch_order_dispatch
+    ordered = dataclasses.replace(profile, launch_order_dispatch=True)
+    assert not with_dispatch_from_environment(ordered, {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}).launch_order_dispatch
+
+
+# -- against the recorded H200 benches -----------------------------------------------------------------
+
+_DOCS = __import__("pathlib").Path(__file__).resolve().parent.parent / "docs"
+# (world size, S) rows the model does not meet: at 8K on 2 GPUs a chunk's attention is 0.2-0.6 ms, and costs
+# the model does not have (host launch gaps, cross-rank skew at 2C barriers, hcms-3's uneven 7/7/6 split
+# measuring slower than hcms-4) dominate; the model predicts the loss but not its size (ratio 0.91 / 0.84 /
+# 0.79 for C=2/3/4 against 0.86 / 0.58 / 0.65 measured)
+_NOT_MET = {(2, 8192)}
+
+
+def _bench_rows():
+    import json
+
+    check = json.loads((_DOCS / "model_check_h200.json").read_text())
+    for world, entry in sorted(check["profiles"].items()):
+        bench = json.loads((_DOCS.parent / entry["bench"]).read_text())
+        rows = {(r["seq"], r["mode"]): r for r in bench["rows"]}
+        for (seq, mode), row in sorted(rows.items()):
+            if mode.startswith("hcms-") and row["chunks"]:
+                yield int(world), seq, mode, row, entry
+
+
+def _bench_cost(world: int, seq: int) -> SiteCost:
+    """The bench layer's site as `site_cost` reads the funcol layout (test_copy_bytes_follow_the_paths_that_copy):
+    40 heads x 128, bf16, B=1, forward, not causal; copies on every path; the output concatenated."""
+    heads, dim = 40, 128
+    tensor = seq // world * heads * dim * 2
+    return SiteCost(attention_flops=4.0 * (heads // world) * seq * seq * dim, input_bytes=(tensor,) * 3,
+                    output_bytes=(tensor,), send_copy_bytes=3 * tensor, receive_copy_bytes=3 * tensor,
+                    output_copy_bytes=tensor, reassembly_bytes=tensor, world_size=world, local_heads=heads // world,
+                    backward=False, causal=False)
+
+
+def test_predictions_match_the_recorded_h200_benches():
+    """Predicted speed-up ratios (plain / hcms-C) against `docs/bench_h200_w1_layer.json` and
+    `docs/bench_h200_x2_layer.json`, with the profiles of `docs/model_check_h200.json` (derived from the
+    comm-only and attention-only rows of the same files and the x2 calibration; nothing estimated).
+
+    Tolerance: the ratio within 5%. Run-to-run spread of the medians is 1-2% (compiled vs hcms-auto, which
+    ran the same graph, differ by up to 3% at 16K on one GPU), and chunking the attention kernel alone moves
+    its time by about 1% (BENCHMARKS.md, chunk_cost); 5% is what is left for the model, the planner's margin
+    (model_error of a calibrated profile). The benches ran the lookahead order, so that is what is predicted.
+    Rows in `_NOT_MET` (2 GPUs, 8K) are outside it and are checked only for the direction (every chunking
+    predicted slower than the plain site, as measured).
+    """
+    checked = 0
+    for world, seq, mode, row, entry in _bench_rows():
+        cost = _bench_cost(world, seq)
+        seconds = entry["attention_s"][str(seq)]
+        profile = DeviceProfile.from_json(entry["profile"])
+        profile = dataclasses.replace(profile, attention_flops=cost.attention_flops
+                                      / (seconds - profile.attention_latency))
+        got = predict(cost, profile, tuple(row["chunks"]["forward"]), order=LOOKAHEAD)
+        predicted = (got.time_s + got.gain_s) / got.time_s  # the plain time over this one, as `speedup` is
+        measured = row["speedup"]
+        if (world, seq) in _NOT_MET:
+            assert predicted < 1 and measured < 1, (world, seq, mode)
+        else:
+            assert predicted == pytest.approx(measured, rel=0.05), (world, seq, mode, predicted, measured)
+        checked += 1
+    assert checked == 6 + 9
