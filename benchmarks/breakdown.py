@@ -51,7 +51,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,7 @@ class Row:
     step_max_ms: float | None = None
     launch_ms: float | None = None
     vs_compiled: float | None = None
+    bitwise: bool | None = None  # results (output, input gradients) equal the baseline's on every rank
     collective_calls: int | None = None
     classes: dict[str, dict[str, float]] = field(default_factory=dict)  # class -> {"count", "ms"}, rank 0's
     step_times_ms: list[float] = field(default_factory=list)
@@ -120,14 +121,31 @@ class Row:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare(ctx: _Ctx, seq: int, mode: Mode, compile_mode: str | None) -> tuple[Step, HcmsBackend | None]:
+def _prepare(ctx: _Ctx, seq: int, mode: Mode,
+             compile_mode: str | None) -> tuple[Step, Callable[[], list[torch.Tensor]], HcmsBackend | None]:
+    """The timed step, a function returning its results (output, and input gradients when
+    training) as fresh tensors, and the backend. Every mode of one sequence length draws the same
+    inputs, so results can be compared bit for bit."""
     torch._dynamo.reset()  # each mode compiles afresh: no cache entries shared across backends
     backend = None if mode.kwargs is None else make_backend(**mode.kwargs)
     module = torch.compile(UlyssesAttention(ctx.group, causal=False), backend=backend or "inductor",
                            fullgraph=True, mode=compile_mode)
     shapes = _local_shapes(ctx, "layer", seq)
+    ctx.generator.manual_seed(1234 + 7919 * ctx.rank + seq)
     inputs = [ctx.randn(shape, ctx.cfg.backward) for shape in shapes]
-    return _module_step(ctx, module, inputs, ctx.randn(shapes[0])), backend
+    grad_out = ctx.randn(shapes[0])
+
+    def results() -> list[torch.Tensor]:
+        for t in inputs:
+            t.grad = None
+        with torch.set_grad_enabled(ctx.cfg.backward):
+            out = module(*inputs)
+        if ctx.cfg.backward:
+            out.backward(grad_out)
+        # cudagraph trees reuse their output memory on the next replay: keep copies
+        return [out.detach().clone(), *(t.grad.clone() for t in inputs if t.grad is not None)]
+
+    return _module_step(ctx, module, inputs, grad_out), results, backend
 
 
 def _time_steps(ctx: _Ctx, step: Step) -> torch.Tensor:
@@ -196,6 +214,14 @@ def _profile(ctx: _Ctx, step: Step) -> tuple[dict[str, dict[str, float]], int]:
     return classes, calls
 
 
+def _agree_bitwise(ctx: _Ctx, values: list[torch.Tensor], reference: list[torch.Tensor]) -> bool:
+    """Whether every rank's results equal the baseline's bit for bit (output and input gradients)."""
+    same = len(values) == len(reference) and all(torch.equal(a, b) for a, b in zip(values, reference, strict=True))
+    flag = torch.tensor([int(same)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=ctx.group)
+    return bool(flag.item())
+
+
 def _sites_note(backend: HcmsBackend | None) -> str:
     if backend is None:
         return ""
@@ -203,15 +229,16 @@ def _sites_note(backend: HcmsBackend | None) -> str:
     return f"HCMS rewrote {sum(site.rewritten for site in sites)}/{len(sites)} sites"
 
 
-def _run_row(ctx: _Ctx, phase: str, seq: int, mode: Mode, compile_mode: str | None) -> Row:
+def _run_row(ctx: _Ctx, phase: str, seq: int, mode: Mode,
+             compile_mode: str | None) -> tuple[Row, list[torch.Tensor]]:
     row = Row(phase, seq, mode.name, mode.kwargs)
     if seq % ctx.world:
         row.status, row.note = "skipped", f"sequence length {seq} is not divisible by world size {ctx.world}"
-        return row
+        return row, []
     error, backend = "", None
     start = time.perf_counter()
     try:
-        step, backend = _prepare(ctx, seq, mode, compile_mode)
+        step, results, backend = _prepare(ctx, seq, mode, compile_mode)
         step()  # compiles
         ctx.now()
     except Exception as exc:  # make_backend rejecting a keyword, a compile failure: a row, not a crash
@@ -219,7 +246,7 @@ def _run_row(ctx: _Ctx, phase: str, seq: int, mode: Mode, compile_mode: str | No
     failed, row.compile_s = _agree(ctx, bool(error), time.perf_counter() - start)
     if failed:
         row.status, row.note = "error", error or "failed on another rank"
-        return row
+        return row, []
     times = _time_steps(ctx, step)
     row.step_times_ms = [round(t, 4) for t in times[:, 0].tolist()]
     row.launch_times_ms = [round(t, 4) for t in times[:, 1].tolist()]
@@ -227,7 +254,7 @@ def _run_row(ctx: _Ctx, phase: str, seq: int, mode: Mode, compile_mode: str | No
     row.step_min_ms, row.step_max_ms = min(row.step_times_ms), max(row.step_times_ms)
     row.classes, row.collective_calls = _profile(ctx, step)
     row.note = _sites_note(backend)
-    return row
+    return row, results()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +276,15 @@ def run(cfg: BenchConfig, phases: Sequence[str], modes: Sequence[Mode], compile_
     for phase in phases:
         ctx = _Ctx(dataclasses.replace(cfg, backward=phase == "train"), device, group, rank, world, generator)
         for seq in cfg.seqs:
+            reference: list[torch.Tensor] = []
             for mode in modes:
-                rows.append(_run_row(ctx, phase, seq, mode, compile_mode))
+                row, values = _run_row(ctx, phase, seq, mode, compile_mode)
+                if mode.kwargs is None:
+                    reference = values
+                elif row.status == "ok" and reference:
+                    row.bitwise = _agree_bitwise(ctx, values, reference)
+                rows.append(row)
+                del values
                 if device.type == "cuda":  # compiled modules hold cycles: free their memory before the next
                     torch.cuda.empty_cache()
     baseline = {(r.phase, r.seq): r.step_ms for r in rows if r.mode == BASELINE and r.status == "ok"}
@@ -276,9 +310,10 @@ def format_table(rows: Sequence[dict[str, Any]], phase: str) -> str:
                    for c in CLASSES]
         calls = "-" if r["collective_calls"] is None else str(r["collective_calls"])
         note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
-        table.append((r["seq"], r["mode"], ms(r["step_ms"]), ratio, ms(r["launch_ms"]), *classes, calls, note))
+        bits = {True: "yes", False: "NO", None: "-"}[r.get("bitwise")]
+        table.append((r["seq"], r["mode"], ms(r["step_ms"]), ratio, ms(r["launch_ms"]), *classes, calls, bits, note))
     headers = ("seq", "mode", "step ms", f"vs {BASELINE}", "launch ms", *(f"{c} n / ms" for c in CLASSES),
-               "a2a calls", "note")
+               "a2a calls", "bitwise", "note")
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 

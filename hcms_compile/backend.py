@@ -74,6 +74,7 @@ class HcmsOptions:
     enabled: bool = True
     profile: DeviceProfile | None = None  # resolved (and agreed between ranks) for the graph's device
     hints: tuple[int, ...] = ()  # example values of the symbolic sizes: what "auto" plans a dynamic graph at
+    fuse: bool = True  # a chunk's exchanges of one group and dtype as one all-to-all (see `rewrite`)
 
     def key(self) -> str:
         chunks = list(self.chunks) if isinstance(self.chunks, (list, tuple)) else self.chunks
@@ -83,10 +84,10 @@ class HcmsOptions:
         auto = self.chunks == AUTO
         profile = self.profile.to_json() if self.profile is not None and auto else None
         return json.dumps({"chunks": chunks, "exact": self.exact, "enabled": self.enabled, "profile": profile,
-                           "hints": list(self.hints) if auto else []}, sort_keys=True)
+                           "hints": list(self.hints) if auto else [], "fuse": self.fuse}, sort_keys=True)
 
     def rewrite(self, graph: torch.fx.Graph) -> list[SiteReport]:
-        return rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile)
+        return rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile, fuse=self.fuse)
 
 
 def _symbolic_hints(example_inputs: Sequence[Any]) -> tuple[int, ...]:
@@ -109,7 +110,8 @@ def env_flag(name: str, environ: dict[str, str] | None = None) -> bool:
                      "empty (unset), in any case")
 
 
-def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, str] | None = None) -> HcmsOptions:
+def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, str] | None = None,
+                     fuse: bool = True) -> HcmsOptions:
     env = os.environ if environ is None else environ
     enabled = not env_flag("HCMS_DISABLE", env)
     raw = env.get("HCMS_CHUNKS", "").strip()
@@ -119,7 +121,7 @@ def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, st
         except (ValueError, TypeError) as err:
             raise ValueError(f"HCMS_CHUNKS={raw!r}: expected auto, a count >= 1 like 3, or local heads per chunk "
                              f"like 2,1 ({err})") from None
-    return HcmsOptions(validate_chunks(chunks), exactness_policy(exact), enabled)
+    return HcmsOptions(validate_chunks(chunks), exactness_policy(exact), enabled, fuse=fuse)
 
 
 @dataclass
@@ -295,19 +297,21 @@ class HcmsBackend:
     """A torch.compile backend that applies HCMS to every forward and backward graph."""
 
     def __init__(self, chunks: ChunkSpec = AUTO, inner: str = "inductor", exact: bool | str = True,
-                 profile: ProfileSpec = None) -> None:
+                 profile: ProfileSpec = None, fuse: bool = True) -> None:
         if inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, got {inner!r}")
         validate_chunks(chunks)
         exactness_policy(exact)
-        self.chunks, self.inner, self.exact, self.profile = chunks, inner, exact, profile
+        if not isinstance(fuse, bool):
+            raise TypeError(f"fuse must be True or False, got {type(fuse).__name__} {fuse!r}")
+        self.chunks, self.inner, self.exact, self.profile, self.fuse = chunks, inner, exact, profile, fuse
         self.reports: list[GraphReport] = []
         self._profiles: dict[tuple[Any, ...], DeviceProfile] = {}
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
                  options: dict[str, Any] | None = None) -> Callable[..., Any]:
         """Compile one Dynamo graph; `mode` and `options` are torch.compile's, passed on to Inductor."""
-        options_ = options_from_env(self.chunks, self.exact)
+        options_ = options_from_env(self.chunks, self.exact, fuse=self.fuse)
         if self.inner == "aot_eager" and ((mode and mode != "default") or options):
             given = f"mode={mode!r}" if mode and mode != "default" else f"options={options!r}"
             raise ValueError(f"hcms backend: {given} configures Inductor, and this backend compiles with "
@@ -443,9 +447,10 @@ def _agree_over(profile: DeviceProfile, groups: list[tuple[str, dist.ProcessGrou
 
 
 def make_backend(chunks: ChunkSpec = AUTO, inner: str = "inductor", exact: bool | str = True,
-                 profile: ProfileSpec = None) -> HcmsBackend:
-    """A configured HCMS backend: `torch.compile(model, backend=make_backend(chunks=(2, 1)))`."""
-    return HcmsBackend(chunks=chunks, inner=inner, exact=exact, profile=profile)
+                 profile: ProfileSpec = None, fuse: bool = True) -> HcmsBackend:
+    """A configured HCMS backend: `torch.compile(model, backend=make_backend(chunks=(2, 1)))`.
+    `fuse=False` keeps one all-to-all per exchanged tensor in every chunk (see `hcms_compile.rewrite`)."""
+    return HcmsBackend(chunks=chunks, inner=inner, exact=exact, profile=profile, fuse=fuse)
 
 
 hcms_backend = HcmsBackend()

@@ -16,8 +16,8 @@ Steps:
    site with its exchanges fused (one all-to-all for q, k and v), and every even split into 2..8
    chunks that the exactness policy accepts, each unfused and fused; takes the fastest, and keeps it
    only if it beats the plain site by more than the profile's model error; otherwise the site stays
-   plain. `Choice.fused` says which exchange form won; `plan_site` offers only the forms the rewrite
-   emits (`FUSED_FORMS`).
+   plain. `Choice.fused` says which exchange form won; `plan_site` offers the fused forms only where
+   fusing changes something (`fusable`) and the caller allows it (`fuse`).
 4. `plan_site` asks `exactness.judge` how close the chunked kernel stays to the unchunked one
    (bitwise, within its run-to-run variation, or rounding only); a grade the exactness policy
    does not accept is a skip, an accepted one is planned and reported.
@@ -45,8 +45,6 @@ AUTO = "auto"
 MAX_AUTO_CHUNKS = 8
 ChunkSpec = int | Sequence[int] | str
 # The exchange forms `plan_site` lets "auto" choose from. The rewrite emits one all-to-all per tensor
-# until ChunkPlan carries `fused` (Choice.fused says what the model preferred); then this becomes (False, True).
-FUSED_FORMS: tuple[bool, ...] = (False,)
 
 
 @dataclass(frozen=True)
@@ -219,7 +217,7 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
         if not fused:
             why = ": no two exchanges of one direction share a dtype to fuse" if fuse else ""
             return f"one chunk: nothing to pipeline{why}"
-        prediction = predict(site_cost(site), profile, (site.local_heads,)) if profile is not None else None
+        prediction = predict(site_cost(site), profile, (site.local_heads,), fused=True) if profile is not None else None
         return ChunkPlan((site.local_heads,), Exactness(BITWISE, ONE_CHUNK), prediction, fused=True)
     # keys shared whole by every chunk (one KV head on the rank) are not in `site.heads`
     query, key = (value_of(attention_args(site.attention, site.op)[name]) for name in ("query", "key"))
@@ -240,14 +238,18 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
                 refused.append(grade)
             return accepts(policy, grade)
 
-        choice = choose_chunks(cost, profile, site.local_heads // group, group, accept=accept, fused=FUSED_FORMS)
+        forms = (False, True) if fused else (False,)
+        choice = choose_chunks(cost, profile, site.local_heads // group, group, accept=accept, fused=forms)
         note = _hint_note(query, key)
+        if len(choice.chunk_sizes) == 1 and choice.fused:
+            return ChunkPlan(choice.chunk_sizes, Exactness(BITWISE, ONE_CHUNK), choice.best, choice.reason + note, True)
         if len(choice.chunk_sizes) == 1:
             symbolic = next((grade for grade in refused if grade.symbolic), None)
             if symbolic is not None and not choice.candidates:
                 return f"{SYMBOLIC}auto: no chunking keeps bits for every length ({symbolic.grade}: {symbolic.why})"
             return f"auto: {choice.reason}{note}"
-        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason + note, fused)
+        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason + note,
+                         choice.fused)
     if group > 1:
         # grouped-query attention: a chunk holds whole groups of `group` query heads and their KV head
         if not isinstance(chunks, int) and any(size % group for size in chunks):
@@ -265,7 +267,7 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
     if not accepts(policy, grade):
         prefix = SYMBOLIC if grade.symbolic else ""
         return f"{prefix}chunking may change bits ({grade.grade}: {grade.why}); pass exact={grade.grade!r} to allow it"
-    prediction = predict(site_cost(site), profile, sizes) if profile is not None else None
+    prediction = predict(site_cost(site), profile, sizes, fused=fused) if profile is not None else None
     return ChunkPlan(sizes, grade, prediction, fused=fused)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
@@ -46,11 +47,11 @@ def _attention_between_issue_and_wait(events: list[tuple[str, str]]) -> list[int
     return gaps
 
 
-def compile_and_get_code(layout=attn_funcol, shape=(2, 32, 4, 8)):
+def compile_and_get_code(layout=attn_funcol, shape=(2, 32, 4, 8), fuse=True):
     """Inductor's generated code for the forward and the backward graph of one training step of
     `layout`'s attention on 2 ranks (chunks=2), and the backend that compiled it."""
     group = ranks.group(2)
-    backend = hcms_compile.make_backend(chunks=2, inner="inductor", exact="rounding")
+    backend = hcms_compile.make_backend(chunks=2, inner="inductor", exact="rounding", fuse=fuse)
     torch._dynamo.reset()
     compiled = torch.compile(lambda q, k, v: layout(q, k, v, group, is_causal=True), backend=backend,
                              fullgraph=True)
@@ -65,27 +66,31 @@ def compile_and_get_code(layout=attn_funcol, shape=(2, 32, 4, 8)):
     return codes, backend
 
 
-def _compile_and_get_code(disable: bool, monkeypatch) -> list[str]:
+def _compile_and_get_code(disable: bool, monkeypatch, fuse: bool = True) -> list[str]:
     if disable:
         monkeypatch.setenv("HCMS_DISABLE", "1")
-    codes, _ = compile_and_get_code()
+    codes, _ = compile_and_get_code(fuse=fuse)
     return codes
 
 
-def test_generated_code_keeps_the_pipeline(monkeypatch):
-    forward, backward = _compile_and_get_code(False, monkeypatch)
-    # forward: 3 input exchanges per chunk and 1 output; backward: 1 input and 3 outputs (dq, dk, dv).
-    # Only chunk 0's inputs and the last chunk's outputs have no attention to hide behind.
-    for code, exposed in ((forward, 3 + 1), (backward, 1 + 3)):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_generated_code_keeps_the_pipeline(monkeypatch, fuse):
+    forward, backward = _compile_and_get_code(False, monkeypatch, fuse)
+    # forward: 3 input exchanges per chunk and 1 output; backward: 1 input and 3 outputs (dq, dk, dv);
+    # fused, each chunk sends its three as one. Only chunk 0's inputs and the last chunk's outputs
+    # have no attention to hide behind.
+    three = 1 if fuse else 3
+    for code, inputs, exposed in ((forward, three, three + 1), (backward, 1, 1 + three)):
         events = _events(code)
         assert sum(kind == "attention" for kind, _ in events) == 2
         gaps = _attention_between_issue_and_wait(events)
-        assert len(gaps) == 8
+        assert len(gaps) == 2 * (1 + three)
         assert sum(g == 0 for g in gaps) == exposed, (gaps, events)
-        # chunk 1's input exchanges are launched before chunk 0's attention kernel
+        # every input exchange is launched before chunk 0's attention kernel, and so before any
+        # output exchange: none is queued behind one on the NCCL stream
         first_attention = events.index(("attention", ""))
         launched = [kind for kind, _ in events[:first_attention]].count("a2a")
-        assert launched >= 2 * (3 if code is forward else 1)
+        assert launched == 2 * inputs, events
 
 
 def test_without_hcms_nothing_overlaps(monkeypatch):
