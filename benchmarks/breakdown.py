@@ -17,8 +17,9 @@ SDPA -> all-to-all back (`hcms_compile.testing.layouts.attn_funcol`), bf16 on GP
   (Python, guards, Inductor's wrapper, the collectives' host side). Where it nears step ms, the GPU
   waits for the host; more chunks mean more launches.
 - classes (`hcms_compile.kernels.classify`): attention, collective, copy, concat and other, each as
-  `count / ms` over one profiled step on rank 0. On GPU a count is device kernels (memcpys included)
-  and ms their summed GPU time; overlapping kernels add up, so the classes can sum past step ms. On
+  `count / ms` per step, averaged over PROFILED_STEPS profiled steps on rank 0. On GPU a count is
+  device kernels (memcpys included) and ms their summed GPU time; overlapping kernels add up, so the
+  classes can sum past step ms. On
   CPU there are no device kernels: the count is the operators at the top level of the compiled code
   (aten ops, collectives, and Inductor's C++ kernels, made visible to the profiler by
   `cpp.enable_kernel_profile`) and ms their CPU time; the collective class there holds the
@@ -84,6 +85,7 @@ CPU_SEQS = (256, 512)
 DEFAULT_MODES = ('hcms-2={"chunks": 2}', 'hcms-4={"chunks": 4}')
 # the CPU operators that the compiled code runs itself; autograd::, profiler:: and record_function
 # ranges around them are not operators
+PROFILED_STEPS = 5  # one profiled step varies by a few percent on the H200 (clocks): average several
 _OP_PREFIXES = ("aten::", "c10d::", "_c10d_functional::", "c10d_functional::", "inductor::", "prims::")
 
 
@@ -197,7 +199,8 @@ def _profile(ctx: _Ctx, step: Step) -> tuple[dict[str, dict[str, float]], int]:
     dist.barrier(group=ctx.group)
     ctx.now()
     with profile(activities=activities) as prof:
-        step()
+        for _ in range(PROFILED_STEPS):
+            step()
         ctx.now()
     events = prof.events()
     ops = _top_level_ops(events)
@@ -208,10 +211,10 @@ def _profile(ctx: _Ctx, step: Step) -> tuple[dict[str, dict[str, float]], int]:
     classes = {name: {"count": 0, "ms": 0.0} for name in CLASSES}
     for name, us in timed:
         entry = classes[classify(name)]
-        entry["count"] += 1
-        entry["ms"] += us / 1e3
+        entry["count"] += 1 / PROFILED_STEPS
+        entry["ms"] += us / 1e3 / PROFILED_STEPS
     calls = sum(classify(e.name) == "collective" and "wait" not in e.name.lower() for e in ops)
-    return classes, calls
+    return classes, round(calls / PROFILED_STEPS)
 
 
 def _agree_bitwise(ctx: _Ctx, values: list[torch.Tensor], reference: list[torch.Tensor]) -> bool:
@@ -306,7 +309,7 @@ def format_table(rows: Sequence[dict[str, Any]], phase: str) -> str:
     table = []
     for r in (r for r in rows if r["phase"] == phase):
         ratio = "-" if r["vs_compiled"] is None else f"{r['vs_compiled']:.2f}x"
-        classes = [f"{r['classes'][c]['count']} / {r['classes'][c]['ms']:.3f}" if r["classes"] else "-"
+        classes = [f"{r['classes'][c]['count']:g} / {r['classes'][c]['ms']:.3f}" if r["classes"] else "-"
                    for c in CLASSES]
         calls = "-" if r["collective_calls"] is None else str(r["collective_calls"])
         note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
@@ -325,7 +328,8 @@ def report(results: dict[str, Any], json_path: str | None) -> None:
           f"median of {meta['repeats']} after {meta['warmup']} warm-up")
     unit = "GPU kernels" if meta["nccl"] else "top-level CPU operators"
     for phase in meta["phases"]:
-        print(f"\n{phase}: classes are {unit} of one profiled step on rank 0 (count / summed ms)")
+        print(f"\n{phase}: classes are {unit} per step on rank 0, mean of {PROFILED_STEPS} profiled steps "
+              "(count / summed ms)")
         print(format_table(results["rows"], phase))
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=1))

@@ -12,10 +12,10 @@ Terms
 - rho: comm / (comm + attention) of the plain site; HCMS can hide at most the comm part.
 - plain site: the site as traced: copies, input all-to-alls, attention, output all-to-alls, each
   waited on before the next starts, so nothing overlaps.
-- layout copy: a node on a send or receive path that writes a new buffer (`clone`, or `contiguous`
-  and `reshape` of a non-contiguous tensor). An estimate: a path with any copy is charged the
-  exchange buffer's bytes once, whatever it copies exactly. Copying N bytes takes
-  2N / copy_bandwidth (read and write).
+- layout copy: a node on a send or receive path that writes a new buffer (`clone`, `contiguous` or
+  `reshape` of a non-contiguous tensor). An estimate: a path with any copy is charged the exchange
+  buffer's bytes once, whatever it copies exactly. Copying N bytes takes 2N / copy_bandwidth (read
+  and write). A chunk's slice of a send buffer, and a fused buffer, copy every byte they send.
 - reassembly: what only the chunked form copies: each output exchange's per-chunk receive buffers
   concatenated, and every escape (a per-head value saved for the backward) concatenated.
 
@@ -76,8 +76,10 @@ from .symbolic import hint, hints, known_contiguous
 # forward's 2 matmuls of the same size: 5 / 2.
 BACKWARD_FLOP_RATIO = 2.5
 
-_ALWAYS_COPIES = {"clone", "lift_fresh_copy"}
-_COPIES_WHEN_STRIDED = {"contiguous", "reshape", "reshape_as", "flatten"}
+_ALWAYS_COPIES = {"lift_fresh_copy"}
+# a clone of data already laid out as the clone asks is no copy in Inductor (measured on the H200: at
+# world size 1 every layout op of a Ulysses site is a view, and Inductor alone launches no copy kernel)
+_COPIES_WHEN_STRIDED = {"clone", "contiguous", "reshape", "reshape_as", "flatten"}
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class SiteCost:
     local_heads: int
     backward: bool
     causal: bool
+    # exchange buffers whose send path copies nothing as traced (every layout op a view, as at world
+    # size 1): a chunk's slice or a fused buffer is the copy the rewrite adds for them
+    uncopied_input_bytes: int = 0
+    uncopied_output_bytes: int = 0
 
     @property
     def collectives(self) -> int:
@@ -158,10 +164,13 @@ def site_cost(site: Site) -> SiteCost:
     receive_copy = sum(_copy_bytes(ex.receive, b) for ex, b in zip(site.inputs, input_bytes, strict=True))
     output_copy = sum(_copy_bytes(ex.send_path, b) for ex, b in zip(site.outputs, output_bytes, strict=True))
     reassembly = sum(output_bytes) + sum(_bytes(escape.node) for escape in site.escapes)
+    uncopied_in = sum(b for ex, b in zip(site.inputs, input_bytes, strict=True) if not _copy_bytes(ex.send_path[1:], b))
+    uncopied_out = sum(b for ex, b in zip(site.outputs, output_bytes, strict=True) if not _copy_bytes(ex.send_path, b))
     return SiteCost(attention_flops=flops, input_bytes=input_bytes, output_bytes=output_bytes,
                     send_copy_bytes=send_copy, receive_copy_bytes=receive_copy, output_copy_bytes=output_copy,
                     reassembly_bytes=reassembly, world_size=site.world_size, local_heads=site.local_heads,
-                    backward=site.op.backward, causal=causal)
+                    backward=site.op.backward, causal=causal, uncopied_input_bytes=uncopied_in,
+                    uncopied_output_bytes=uncopied_out)
 
 
 # -- steps 1-3 of predict --------------------------------------------------------------------------
@@ -211,14 +220,19 @@ def _program(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[int, ...
 
     n_in, n_out = len(cost.input_bytes), len(cost.output_bytes)
     shares = [size / cost.local_heads for size in chunk_sizes]
-    sends = [copy(share * cost.send_copy_bytes, n_in) + exchanges(f"in{c}", cost.input_bytes, share)
+    # a chunk's slice of a send buffer is strided, and a fused buffer is a new one: either copies every
+    # input byte once (a send path's own copy writes into it), where the plain site may copy nothing
+    chunked = len(chunk_sizes) > 1
+    send_bytes = cost.send_copy_bytes + (cost.uncopied_input_bytes if chunked or (fused and n_in > 1) else 0)
+    out_bytes = cost.output_copy_bytes + (cost.uncopied_output_bytes if fused and n_out > 1 else 0)
+    sends = [copy(share * send_bytes, n_in) + exchanges(f"in{c}", cost.input_bytes, share)
              for c, share in enumerate(shares)]
 
     def attend(c: int, share: float) -> list[_Step]:
         attention = profile.attention_latency + share * cost.attention_flops / profile.attention_flops
         return [*copy(share * cost.receive_copy_bytes, n_in, waits=(f"in{c}",)),
                 _Step(False, attention, "attention", waits=(f"in{c}",)),
-                *copy(share * cost.output_copy_bytes, n_out),
+                *copy(share * out_bytes, n_out),
                 *exchanges(f"out{c}", cost.output_bytes, share)]
 
     ahead = len(shares) if order == INPUTS_FIRST else 2

@@ -176,10 +176,14 @@ def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int
         return Choice(best.chunks, reason, plain, best, tuple(candidates), best.fused)
     if plain.rho < profile.model_error:
         reason = f"rho {_percent(plain.rho)}: nothing to hide"
-    elif best.gain_s <= 0:
+    elif best.gain_s < 0:
         reason = f"best {form} predicted {_percent(-best.gain)} slower (rho {_percent(plain.rho)}): left alone"
+    elif best.gain_s == 0:
+        reason = f"best {form} predicted no faster (rho {_percent(plain.rho)}): left alone"
     else:
         reason = f"best {form} gains {_percent(best.gain)} < model error {_percent(profile.model_error)}: left alone"
+    if splits and not allowed:  # only the fused plain site was weighed
+        reason = f"no chunking the exactness policy accepts; {reason}"
     return Choice((cost.local_heads,), reason, plain, best, tuple(candidates))
 
 

@@ -62,7 +62,9 @@ def test_auto_only_considers_chunkings_the_exactness_policy_accepts():
     case = UlyssesCase("funcol", 2, 1, 4, 5, 8, torch.float32, False, 2)
     gm = trace(case.function(), case.example_inputs(), "make_fx")
     (strict,) = hcms_compile.rewrite(gm, profile=_balanced(gm)).sites
-    assert not strict.rewritten and strict.reason == "auto: no chunking the exactness policy accepts"
+    assert not strict.rewritten and strict.reason.startswith("auto: no chunking the exactness policy accepts")
+    (unfused,) = hcms_compile.rewrite(gm, profile=_balanced(gm), fuse=False).sites
+    assert not unfused.rewritten and unfused.reason == "auto: no chunking the exactness policy accepts"
     (loose,) = hcms_compile.rewrite(gm, profile=_balanced(gm), exact="rounding").sites
     assert loose.rewritten and loose.grade == "rounding"
 
