@@ -40,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--head-dim", type=_positive, default=32)
     demo.add_argument("--tokens-per-rank", type=_positive, default=64)
     demo.add_argument("--chunks", type=_chunks, default=2,
-                      help="auto, a count, or local heads per chunk: 2+1 (default 2: on CPU ranks the cost model "
-                           "would rightly leave every site alone, and the demo is about showing the rewrite)")
+                      help="auto, a count, or local heads per chunk: 2+1; 1 is the plain site with q, k and v "
+                           "in one exchange (default 2: the demo is about showing the pipeline)")
     demo.add_argument("--layout", choices=[n for n, lay in LAYOUTS.items() if lay.functional], default="funcol")
     demo.add_argument("--causal", action="store_true")
     demo.add_argument("--repeats", type=_positive, default=5)
@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.heads % args.ranks:
             parser.error(f"--heads {args.heads} is not divisible by --ranks {args.ranks}")
         local = args.heads // args.ranks
-        if args.chunks != "auto" and isinstance(chunk_sizes(local, args.chunks), str):
+        one = args.chunks == 1 or (isinstance(args.chunks, tuple) and args.chunks == (local,))
+        if args.chunks != "auto" and not one and isinstance(chunk_sizes(local, args.chunks), str):
             parser.error(f"--chunks {args.chunks}: {chunk_sizes(local, args.chunks)} ({args.heads} heads over "
                          f"{args.ranks} ranks)")
         cfg = UlyssesConfig(heads=args.heads, head_dim=args.head_dim, blocks=args.blocks, layout=args.layout,

@@ -31,9 +31,10 @@ def test_bad_flags_are_refused_before_any_rank_is_spawned(monkeypatch, capsys, a
 
 
 def test_demo_fails_when_nothing_was_rewritten(capfd):
-    # chunks="auto" on CPU ranks: the cost model rightly leaves every site alone, and equal bits prove nothing
-    status = main(["demo", "--ranks", "2", "--heads", "4", "--head-dim", "8", "--blocks", "1", "--tokens-per-rank",
-                   "16", "--repeats", "1", "--inner", "aot_eager", "--chunks", "auto"])
+    # one head per rank and q, k, v already in one exchange: nothing to chunk or fuse, every site is
+    # skipped, and equal bits prove nothing
+    status = main(["demo", "--ranks", "2", "--heads", "2", "--head-dim", "8", "--blocks", "1", "--tokens-per-rank",
+                   "16", "--repeats", "1", "--inner", "aot_eager", "--chunks", "auto", "--layout", "fused_qkv"])
     captured = capfd.readouterr()
     assert status == 1
     assert "skipped" in captured.out and "rewritten" not in captured.out.replace("no site was rewritten", "")

@@ -538,3 +538,69 @@ def test_predictions_match_the_recorded_h200_benches():
             assert predicted == pytest.approx(measured, rel=0.05), (world, seq, mode, predicted, measured)
         checked += 1
     assert checked == 6 + 9
+
+
+_BREAKDOWNS = ("breakdown_h200_w1_fwd_8k.json", "breakdown_h200_w1_fwd.json")
+
+
+def _breakdown_rows() -> dict[tuple[int, str], dict]:
+    import json
+
+    rows = {}
+    for name in _BREAKDOWNS:
+        for row in json.loads((_DOCS / name).read_text())["rows"]:
+            if row["status"] == "ok":
+                rows[row["seq"], row["mode"]] = row
+    return rows
+
+
+def _spread(row: dict) -> float:
+    return (row["step_max_ms"] - row["step_min_ms"]) / row["step_ms"]
+
+
+def test_predictions_match_the_recorded_h200_breakdown():
+    """Predicted speed-ups (Inductor alone / mode) against `benchmarks/breakdown.py` on one H200 at world
+    size 1, forward, S = 8K, 16K, 32K, for the forms the rewrite emits now: C=2 unfused, C=2 and C=4
+    fused, and the fused plain site, in the inputs-first order.
+
+    At world size 1 every layout op of the site is a view (the breakdown counts no copy kernel for
+    Inductor alone), so the site's cost is its exchanges (local copies) and the attention, and the
+    rewrite adds copies: a chunk's slice or fused buffer copies q, k and v, and chunks are concatenated.
+    The profile is the world-size-1 one of `docs/model_check_h200.json`, with the attention time of each
+    length from the `compiled` row's attention kernels and the copy bandwidth from the copy kernels of
+    the C=2 fused row at 16K (4 tensors read and written): per-call costs from the breakdown.
+
+    Tolerance: a measured ratio is not known better than the steps' own spread, so the prediction must
+    be within half the larger relative spread (max - min over median) of the two rows, and never looser
+    or tighter than 3% to 10%: 3% at 32K (steps spread 2-3%), 5-6% at 16K, 8-10% at 8K (2.6 ms steps).
+    """
+    rows = _breakdown_rows()
+    heads, dim = 40, 128
+    fitted = rows[16384, "hcms-2"]
+    copy_bandwidth = 2 * 4 * (16384 * heads * dim * 2) / (fitted["classes"]["copy"]["ms"] / 1e3)
+    import json
+
+    check = json.loads((_DOCS / "model_check_h200.json").read_text())
+    base = DeviceProfile.from_json(check["profiles"]["1"]["profile"])
+    checked = 0
+    for (seq, mode), row in sorted(rows.items()):
+        if mode == "compiled":
+            continue
+        tensor = seq * heads * dim * 2
+        cost = SiteCost(attention_flops=4.0 * heads * seq * seq * dim, input_bytes=(tensor,) * 3,
+                        output_bytes=(tensor,), send_copy_bytes=0, receive_copy_bytes=0, output_copy_bytes=0,
+                        reassembly_bytes=tensor, world_size=1, local_heads=heads, backward=False, causal=False,
+                        uncopied_input_bytes=3 * tensor, uncopied_output_bytes=tensor)
+        plain = rows[seq, "compiled"]
+        attention_s = plain["classes"]["attention"]["ms"] / 1e3
+        profile = dataclasses.replace(base, copy_bandwidth=copy_bandwidth,
+                                      attention_flops=cost.attention_flops / (attention_s - base.attention_latency))
+        chunks = row["kwargs"]["chunks"]
+        sizes = (heads,) if chunks == 1 else (heads // chunks,) * chunks
+        got = predict(cost, profile, sizes, fused=row["kwargs"].get("fuse", True))
+        predicted = (got.time_s + got.gain_s) / got.time_s
+        measured = 1 / row["vs_compiled"]
+        tolerance = min(0.10, max(0.03, max(_spread(row), _spread(plain)) / 2))
+        assert predicted == pytest.approx(measured, rel=tolerance), (seq, mode, predicted, measured, tolerance)
+        checked += 1
+    assert checked == 3 * 4

@@ -242,8 +242,9 @@ def test_make_fx_symbolic_graph_is_rewritten_and_bitwise(fake_group, layout):
     gm = make_fx(fn, tracing_mode="symbolic")(*[torch.randn(2, 16, H * D) for _ in range(3)])
     result = hcms_compile.rewrite(gm, chunks=2, exact="rounding")
     assert [s.status for s in result.sites] == ["rewritten"], result
-    # make_fx reads sizes with sym_size from the exchanged tensors: none may keep the original exchange alive
-    assert count_all_to_alls(result.graph_module) == 2 * count_all_to_alls(gm)
+    # make_fx reads sizes with sym_size from the exchanged tensors: none may keep the original exchange alive;
+    # each chunk sends q, k and v in one exchange and gets its output back in another
+    assert count_all_to_alls(result.graph_module) == result.sites[0].collectives == 2 * 2
     for s in LENGTHS:
         inputs = [ranks.shard(torch.randn(2, s * WORLD, H * D), 1, WORLD) for _ in range(3)]
         want = ranks.run_on_ranks(gm, inputs, WORLD)
@@ -416,10 +417,14 @@ def test_symbolic_split_sizes_are_rebuilt_per_chunk(fake_group):
 
     fn = _explicit_splits(fake_group(WORLD))
     gm = make_fx(fn, tracing_mode="symbolic")(*[torch.randn(2, 16, H * D) for _ in range(3)])
-    result = hcms_compile.rewrite(gm, chunks=2, exact="rounding")
+    result = hcms_compile.rewrite(gm, chunks=2, exact="rounding", fuse=False)
     assert [s.status for s in result.sites] == ["rewritten"], result
     splits = [n.args[1] for n in result.graph_module.graph.nodes if "all_to_all" in n.name]
     assert len(splits) == 8 and all(isinstance(x, torch.fx.Node) for s in splits for x in s)
+    # fused, a chunk's buffer is [P, n]: one row per rank, whatever the length
+    fused = hcms_compile.rewrite(gm, chunks=2, exact="rounding")
+    splits = [n.args[1] for n in fused.graph_module.graph.nodes if "all_to_all" in n.name]
+    assert len(splits) == 4 and [1] * WORLD in splits
     hcms, _ = _compile(fn, (16,), hcms_compile.make_backend(chunks=2, inner="aot_eager", exact="rounding"), True)
     with hcms_disabled():
         plain, _ = _compile(fn, (16,), hcms_compile.make_backend(chunks=2, inner="aot_eager"), True)

@@ -135,9 +135,9 @@ def _backward_fn(group, send, causal: bool = False):
     return fn
 
 
-def _rewrite(fn, example_inputs, per_rank, world, chunks):
+def _rewrite(fn, example_inputs, per_rank, world, chunks, fuse=True):
     gm = trace(fn, example_inputs, "make_fx")
-    result = hcms_compile.rewrite(gm, chunks=chunks)
+    result = hcms_compile.rewrite(gm, chunks=chunks, fuse=fuse)
     (site,) = [s for s in result.sites if s.attention.endswith("_backward")]
     if site.rewritten:
         want = ranks.run_on_ranks(gm, per_rank, world)
@@ -214,9 +214,13 @@ def test_grouped_key_and_value_gradients_stacked_without_the_query_gradient_are_
         recv = _a2a(dq.view(b, h, world, s // world, d).permute(2, 0, 1, 3, 4), group)
         return recv.permute(1, 0, 2, 3, 4).reshape(b, world * h, s // world, d), *_send_stacked([dk, dv], group)
 
-    _, result, site = _rewrite(_backward_fn(group, send), example_inputs, per_rank, world, 2)
+    _, result, site = _rewrite(_backward_fn(group, send), example_inputs, per_rank, world, 2, fuse=False)
     assert site.rewritten and site.chunk_sizes == (2, 2), site.reason
     assert _output_exchanges_per_chunk(result.graph_module) == Counter([0, 0, 1, 1])
+    # fused: dq (query heads) and the stacked dk, dv (KV heads), of different sizes, in one all-to-all
+    _, result, site = _rewrite(_backward_fn(group, send), example_inputs, per_rank, world, 2)
+    assert site.rewritten and site.fused and site.collectives == 2 * 2
+    assert _output_exchanges_per_chunk(result.graph_module) == Counter([0, 1])
 
 
 @pytest.mark.parametrize(("send", "reason", "kv_heads"), [

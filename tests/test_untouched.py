@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import hcms_compile
 from hcms_compile.testing import ranks
-from hcms_compile.testing.layouts import attn_funcol
+from hcms_compile.testing.layouts import attn_funcol, attn_fused_qkv
 from hcms_compile.testing.strategies import UlyssesCase, ulysses_cases
 from hcms_compile.testing.tracing import trace
 from tests.helpers import assert_untouched, examples, graph_signature
@@ -137,6 +137,10 @@ def _funcol(g):
     return lambda q, k, v: attn_funcol(q, k, v, g)
 
 
+def _fused_qkv(g):
+    return lambda q, k, v: attn_fused_qkv(q, k, v, g)
+
+
 # each bad input: a builder of the function (given the group), the tracer, the chunks, and what
 # the reason must say
 BAD_INPUTS = {
@@ -145,7 +149,8 @@ BAD_INPUTS = {
     "heads owned in strides": (_strided, "make_fx", 2, "does not scatter heads"),
     "in-place write to sent storage": (_inplace, "make_fx", 2, "writes in place"),
     "more chunks than heads": (_funcol, "make_fx_real", 3, "3 chunks requested"),
-    "one chunk": (_funcol, "export", 1, "one chunk"),
+    # q, k and v already share one exchange: one chunk has nothing to pipeline and nothing to fuse
+    "one chunk": (_fused_qkv, "export", 1, "one chunk"),
 }
 _graphs: dict[str, torch.fx.GraphModule] = {}
 
