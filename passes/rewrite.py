@@ -361,6 +361,7 @@ class _SiteWriter:
                 graph.erase_node(buffer)
             # a c10d exchange's buffer (its wait) is also its first argument: that use goes with it
             out.wait.replace_all_uses_with(result, delete_user_cb=lambda user, out=out: user is not out.all_to_all)
+            _drop_noop_waits(graph, result)
         for escape, value in escaped.items():
             for user in escape.users:
                 user.replace_input_with(escape.node, value)
@@ -392,6 +393,16 @@ class _SiteWriter:
                 sizes[query] = tuple(self.emit.size_arg(v, before) for v in value) if isinstance(
                     value, (tuple, list)) else self.emit.size_arg(value, before)  # x.size(): all dims
         return sizes
+
+
+def _drop_noop_waits(graph: Graph, result: Node) -> None:
+    """A wait on the reassembled output (funcol waits twice: its wrapper's wait, then the user's) is
+    an identity on a computed tensor; to Inductor it is an extern call, which would materialise the
+    concatenation of the chunks instead of letting a pointwise consumer read the pieces."""
+    for user in list(result.users):
+        if is_wait(user) and user.args[0] is result and not user.kwargs:
+            user.replace_all_uses_with(result)
+            graph.erase_node(user)
 
 
 def _site_nodes(site: Site) -> list[Node]:

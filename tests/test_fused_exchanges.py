@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hcms_compile.passes.ops import is_all_to_all, is_wait
 
+import hcms_compile
 from hcms_compile.testing import assert_equivalent
 from hcms_compile.testing.layouts import LAYOUTS
 from hcms_compile.testing.strategies import UlyssesCase
+from hcms_compile.testing.tracing import trace
 from hcms_compile.testing.variants import Variant
 
 # (layout, chunks): every layout chunked in two, and as the fused plain site where there is something
 # to fuse (fused_qkv already sends q, k and v in one exchange; tests/test_untouched.py has its skip)
-CASES = [(name, chunks) for name, layout in LAYOUTS.items() for chunks in (2, 1)
+CASES = [(name, chunks) for name in LAYOUTS for chunks in (2, 1)
          if chunks == 2 or name != "fused_qkv"]
 
 
@@ -56,11 +59,20 @@ def test_grouped_query_attention_fuses_different_head_counts(chunks: int) -> Non
 
 
 def test_unfused_exchanges_stay_one_per_tensor() -> None:
-    import hcms_compile
-    from hcms_compile.testing.tracing import trace
-
     case = UlyssesCase("funcol", 2, 1, 4, 8, 8, torch.float32, False, 2)
     gm = trace(case.function(), case.example_inputs(), "make_fx")
     fused, plain = (hcms_compile.rewrite(gm, chunks=2, fuse=f).sites[0] for f in (True, False))
     assert (fused.fused, fused.collectives) == (True, 4)
     assert (plain.fused, plain.collectives) == (False, 8)
+
+
+def test_no_wait_is_left_on_the_reassembled_output() -> None:
+    # funcol waits twice (its wrapper's wait, then the user's); after the rewrite the second would wait
+    # on the concatenation of the chunks, and Inductor would have to materialise it for that extern call
+    # instead of letting a pointwise consumer read the pieces (measured on the H200: the cat kernel goes)
+    case = UlyssesCase("funcol", 2, 1, 4, 8, 8, torch.float32, False, 2)
+    gm = trace(case.function(), case.example_inputs(), "make_fx")
+    assert sum(map(is_wait, gm.graph.nodes)) == 2 * sum(map(is_all_to_all, gm.graph.nodes))  # waited twice
+    result = hcms_compile.rewrite(gm, chunks=2, exact="rounding")
+    waits = [n for n in result.graph_module.graph.nodes if is_wait(n)]
+    assert len(waits) == 4 and all(is_all_to_all(w.args[0]) for w in waits)
