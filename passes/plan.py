@@ -11,7 +11,8 @@ Terms
 Steps:
 1. `validate_chunks` rejects malformed specs before any graph is touched (a clear error).
 2. `chunk_sizes` turns a count or explicit sizes into sizes for one site, or a skip reason when the
-   spec does not fit that site (more chunks than units, sizes that do not sum to the heads).
+   spec does not fit that site (more chunks than units, sizes that do not sum to the heads). One
+   chunk is the fused plain site where fusing changes something (`fusable`), else a skip.
 3. With "auto", `choose_chunks` predicts (`cost_model.predict_against`) the plain site, the plain
    site with its exchanges fused (one all-to-all for q, k and v), and every even split into 2..8
    chunks that the exactness policy accepts, each unfused and fused; takes the fastest, and keeps it
@@ -44,7 +45,6 @@ from .symbolic import SYMBOLIC, hint, is_symbolic
 AUTO = "auto"
 MAX_AUTO_CHUNKS = 8
 ChunkSpec = int | Sequence[int] | str
-# The exchange forms `plan_site` lets "auto" choose from. The rewrite emits one all-to-all per tensor
 
 
 @dataclass(frozen=True)

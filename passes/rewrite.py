@@ -13,22 +13,31 @@ Terms
 - c10d exchange: make_fx's in-place `c10d.alltoall_base_` (see `ops.py`). Its chunks are
   functional all-to-alls on the process group's name with a `wait_tensor` each; the buffer it
   filled, which stood for its wait, is replaced by the reassembled result.
+- fused exchange (`plan.fused`): one chunk's exchanges of one direction, process group and dtype
+  (q, k, v; dq, dk, dv) as one all-to-all. Each buffer is viewed rank-major as [P, n_i] and the
+  views are concatenated on dim 1; the received [P, sum n_i] buffer is sliced back on dim 1, and
+  each [P, n_i] piece is what its exchange would have received (an all-to-all only moves bytes).
+- whole: a plan of one chunk, the fused plain site: the send buffers are sent as they are and the
+  received output is the result, with no slicing or concatenation.
 
 Steps of `rewrite_site(graph, site, plan)`:
 1. For each chunk and each input exchange: slice at the slice point (or view the send buffer by
-   atoms and slice it), replay the rest of the send path with the chunk's sizes, exchange, wait,
-   and replay the receive tree up to the attention's inputs; slice local inputs on their head axis.
+   atoms and slice it) and replay the rest of the send path with the chunk's sizes; exchange the
+   buffers (fused or one by one, `transfer`), wait, and replay the receive tree up to the
+   attention's inputs from each received piece (a view where every user of the wait reshapes it;
+   a wait on a waited tensor is skipped); slice local inputs on their head axis.
    A stack or cat of one tensor's pieces is replayed from the atoms (view, permute, reshape), so
    its split sizes follow the chunk; its pieces are not replayed.
-2. Per chunk: the attention op on the chunk's inputs; for each output exchange, replay the output
-   path, exchange, wait. Outputs stacked into one exchange (dq, dk, dv) are stacked the same way
-   from the chunk's slices: one all-to-all per chunk, as before the rewrite.
+2. Per chunk: the attention op on the chunk's inputs; replay each output exchange's path, then
+   exchange (fused or not) and wait. Outputs stacked into one exchange (dq, dk, dv) are stacked the
+   same way from the chunk's slices.
 3. Reassemble: view each chunk's receive buffer by atoms, concatenate on the head atom, view back
    to the original receive shape, and hand that to the original output wait's users. Escapes get
    the concatenation of their chunks, with the original strides: attention inputs and outputs on
    their head axis, receive-tree nodes (a wait, a permute, a repeat) the way output waits are
    collected, on the head atom; outputs that are the same in every chunk (RNG state) come from
-   chunk 0.
+   chunk 0. A no-op wait the user put on the output wait (funcol waits twice) is dropped, so that
+   Inductor can let a pointwise consumer read the chunks' pieces instead of their concatenation.
 4. Recompute every size query of the site's nodes (make_fx's `sym_size` of an exchanged tensor) from
    nodes outside the site, order the new nodes with `schedule.pipeline_order`, then erase the
    original site. Symbolic sizes (a dynamic sequence length) are graph nodes throughout: replayed
