@@ -10,7 +10,7 @@ Terms
   it is slower (BACKGROUND.md: flashinfer's overlap lost on full NVLink for that reason). Modelled as
   compute progressing at rate 1 - contention while an exchange is in flight: overlapped
   communication time t adds contention * t to compute.
-- scheduling facts (PERFORMANCE.md section 2): `persistent_attention` (the attention kernel owns
+- scheduling facts (shared/PERFORMANCE.md, section 2): `persistent_attention` (the attention kernel owns
   every SM: an exchange that becomes ready while it runs waits for its tail; True for the H100/H200
   built-ins, cuDNN SDPA bf16), `copy_engine_exchange` (exchanges need no SMs: never blocked, no
   contention; False for NCCL and gloo), `launch_order_dispatch` (CUDA_DEVICE_MAX_CONNECTIONS=1:
@@ -56,7 +56,7 @@ class DeviceProfile:
     estimate: bool  # True for built-in guesses, False for measured profiles
     source: str  # how the numbers were obtained
     world_size: int | None = None  # the world size the profile was measured at, if measured
-    # -- scheduling facts (PERFORMANCE.md section 2); defaults keep profiles saved before them loading --
+    # -- scheduling facts (shared/PERFORMANCE.md, section 2); defaults keep profiles saved before them loading --
     persistent_attention: bool = False  # the attention kernel owns every SM (cuDNN SDPA bf16 on Hopper)
     copy_engine_exchange: bool = False  # exchanges run on copy engines, not as SM kernels (NCCL: False)
     launch_order_dispatch: bool = False  # kernels dispatch in host launch order (CUDA_DEVICE_MAX_CONNECTIONS=1)

@@ -6,7 +6,7 @@ Terms
   `attend` (attention, output layout and the output all-to-all), `collect` (the output wait and its
   view).
 - comm stream: ProcessGroupNCCL runs every collective of a group on one stream, in issue order, and
-  makes that stream wait for all compute issued before each collective (PERFORMANCE.md section 3).
+  makes that stream wait for all compute issued before each collective (shared/PERFORMANCE.md, section 3).
   An input exchange issued after an output exchange therefore waits for it, and for the attention
   that output exchange waits for, although it depends on neither.
 - pipeline order (inputs first): every chunk's send stage in chunk order, then per chunk its

@@ -387,7 +387,7 @@ def test_background_figures_chunk_on_pcie_but_not_on_nvlink():
     assert len(pcie.chunk_sizes) > 1 and pcie.plain.rho > 0.2
 
 
-# -- the Hopper scheduling rules (PERFORMANCE.md section 2) ------------------------------------------
+# -- the Hopper scheduling rules (shared/PERFORMANCE.md, section 2) ------------------------------------------
 
 
 def _two_tensor_site() -> SiteCost:
