@@ -19,19 +19,25 @@ SDPA -> all-to-all back (`hcms_compile.testing.layouts.attn_funcol`), bf16 on GP
 - classes (`hcms_compile.kernels.classify`): attention, collective, copy, concat and other, each as
   `count / ms` per step, averaged over PROFILED_STEPS profiled steps on rank 0. On GPU a count is
   device kernels (memcpys included) and ms their summed GPU time; overlapping kernels add up, so the
-  classes can sum past step ms. On
-  CPU there are no device kernels: the count is the operators at the top level of the compiled code
+  classes can sum past step ms. On CPU there are no device kernels: the count is the operators at
+  the top level of the compiled code
   (aten ops, collectives, and Inductor's C++ kernels, made visible to the profiler by
   `cpp.enable_kernel_profile`) and ms their CPU time; the collective class there holds the
   `wait_tensor` calls too, so on CPU it is mostly time spent waiting for gloo.
 - a2a calls: collective calls the host issued in that step (waits not counted).
+- bitwise: the mode's output and input gradients against the `compiled` row's, with the same inputs,
+  `torch.equal` on every rank. Where `compiled` does not reproduce its own gradients (cuDNN's
+  backward accumulates with atomics), only the output is compared, and the note says so.
 
 Steps, for each phase, sequence length and mode, in the same order on every rank:
 1. build the layer and compile it (a fresh Dynamo cache), its first call compiling; any rank failing
    makes it an error row on all of them, so collectives stay matched;
 2. `--warmup` untimed steps, then `--repeats` timed ones (step and launch time in the same loop: the
    events are recorded around the host timing and do not block it);
-3. one step under torch.profiler (CPU and CUDA activities), its kernels or operators classified.
+3. PROFILED_STEPS steps under torch.profiler (CPU and CUDA activities), their kernels or operators
+   classified and averaged per step;
+4. the results compared bit for bit with the baseline's (the baseline runs twice, to see whether its
+   own results repeat).
 Then a table per phase is printed and, with `--json PATH`, every row and the run's metadata written.
 
 Under torchrun it uses the world (NCCL on cuda:LOCAL_RANK, gloo without CUDA); otherwise it is one
@@ -39,7 +45,7 @@ process of world size 1 (NCCL on cuda:0, or gloo on the CPU) with a TCP rendezvo
 
     python benchmarks/breakdown.py --json breakdown.json                       # 1 GPU
     torchrun --nproc-per-node 2 benchmarks/breakdown.py --seq 16384            # 2 GPUs
-    python benchmarks/breakdown.py --modes hcms-2='{"chunks": 2}' hcms-2-fused='{"chunks": 2, "fuse": true}'
+    python benchmarks/breakdown.py --modes hcms-2='{"chunks": 2}' hcms-2-unfused='{"chunks": 2, "fuse": false}'
     python benchmarks/breakdown.py --seq 256 --repeats 2 --warmup 1            # CPU dry run
 """
 
