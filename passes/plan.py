@@ -35,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from torch.fx import Node
+
 from .cost_model import Prediction, SiteCost, predict, predict_against, site_cost
 from .exactness import BITWISE, Exactness, accepts, judge
 from .match import Site, value_of
@@ -187,10 +189,14 @@ def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int
     return Choice((cost.local_heads,), reason, plain, best, tuple(candidates))
 
 
+def fusion_key(wait: Node) -> object:
+    """What an exchange (given by its wait) must share with another to travel in one all-to-all with
+    it: its dtype (every exchange of a site runs on the site's process group)."""
+    return value_of(wait).dtype
+
+
 def fusion_keys(exchanges: Sequence[object]) -> list[object]:
-    """Per exchange, what it must share with another to travel in one all-to-all with it: its dtype
-    (every exchange of a site runs on the site's process group)."""
-    return [value_of(ex.wait).dtype for ex in exchanges]
+    return [fusion_key(ex.wait) for ex in exchanges]
 
 
 def launches(site: Site, plan: ChunkPlan) -> tuple[int, int]:

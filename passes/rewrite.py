@@ -75,7 +75,7 @@ from .ops import (
     layout_op,
     replace_attention_inputs,
 )
-from .plan import ChunkPlan
+from .plan import ChunkPlan, fusion_key
 from .schedule import ChunkStages, apply_order, pipeline_order
 from .symbolic import Size, is_size_query, same
 
@@ -246,11 +246,10 @@ class _SiteWriter:
         return received
 
     def fusion_groups(self, items: list[_Send]) -> list[list[int]]:
-        """Which items share an all-to-all: with fusion on, those of one process group and dtype."""
+        """Which items share an all-to-all: with fusion on, those with one `plan.fusion_key`."""
         groups: dict[object, list[int]] = {}
         for i, item in enumerate(items):
-            key = (str(exchange_args(item.original).group), value_of(item.original_wait).dtype) if self.fused else i
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(fusion_key(item.original_wait) if self.fused else i, []).append(i)
         return list(groups.values())
 
     # -- step 1 --------------------------------------------------------------------------------
