@@ -1,5 +1,6 @@
 """hcms_compile: pipeline Ulysses all-to-all with attention by chunking local heads."""
 
+from . import copy_engine  # noqa: F401 - registers torch.ops.hcms.all_to_all
 from .api import rewrite, rewrite_graph
 from .backend import GraphReport, HcmsBackend, hcms_backend, make_backend
 from .report import RewriteResult, SiteReport
