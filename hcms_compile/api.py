@@ -28,6 +28,7 @@ from .calibrate import resolve_profile
 from .passes import ChunkSpec, Site, Skip, match_sites, plan_site, rewrite_site, validate_chunks
 from .passes.emit import EmitError, RollbackError
 from .passes.exactness import exactness_policy
+from .passes.exchanges import validate_exchange
 from .passes.match import match_again, value_of
 from .passes.ops import attention_op, is_all_to_all, target_name
 from .passes.plan import AUTO, launches
@@ -48,7 +49,7 @@ EAGER_WRAPPER = "_wrap_tensor_autograd"  # funcol's eager result wrapper, record
 
 def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
             profile: ProfileSpec = None, example_inputs: Sequence[object] | None = None,
-            fuse: bool = True) -> RewriteResult:
+            fuse: bool = True, exchange: str = AUTO) -> RewriteResult:
     """Chunk every provable all-to-all -> attention -> all-to-all site of `gm` by local heads.
 
     `chunks` is "auto" (the cost model picks a count per site, 1 meaning leave it alone), a chunk
@@ -63,6 +64,11 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool |
     `fuse` (the default) sends a chunk's exchanges of one process group and dtype (q, k and v; dq,
     dk and dv) as one all-to-all: fewer launches and barriers, the same bytes. With `chunks=1` it
     rewrites the plain site into its fused form; "auto" weighs the fused plain site too.
+    `exchange` says how the rewritten all-to-alls move bytes: "nccl" (the process group's own
+    all-to-all, as traced), "copy-engine" (`hcms_compile.copy_engine`: copy engines and stream memory
+    operations, no SMs; the group's own all-to-all where it cannot run, such as on CPU) or "auto"
+    (the default: the cost model chooses between the kinds the site's group supports, NCCL only
+    unless it is one node of CUDA ranks with peer access and symmetric memory).
     `example_inputs` (one rank's inputs in the graph's argument order, real or fake tensors) give
     shapes to a graph that has none, such as `torch.fx.symbolic_trace`'s: they are propagated with
     fake tensors through the copy, never through `gm`.
@@ -70,14 +76,14 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool |
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"rewrite() takes a torch.fx.GraphModule, got {type(gm).__name__}")
-    spec, policy = _check_args(chunks, exact, fuse)
+    spec, policy = _check_args(chunks, exact, fuse, exchange)
     out = _copy(gm)
     no_metadata = None
     if example_inputs is not None:
         no_metadata = _propagate(out, example_inputs)
         if no_metadata is not None:
             out = _copy(gm)  # a propagation that stopped half way leaves no values behind
-    reports = _rewrite_graph(out.graph, spec, policy, profile, no_metadata, fuse)
+    reports = _rewrite_graph(out.graph, spec, policy, profile, no_metadata, fuse, exchange)
     if any(r.rewritten for r in reports):
         out.recompile()
     return RewriteResult(out, reports)
@@ -110,18 +116,19 @@ def _propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> st
 
 
 def rewrite_graph(graph: torch.fx.Graph, *, chunks: ChunkSpec = AUTO, exact: bool | str = True,
-                  profile: ProfileSpec = None, fuse: bool = True) -> list[SiteReport]:
+                  profile: ProfileSpec = None, fuse: bool = True, exchange: str = AUTO) -> list[SiteReport]:
     """`rewrite` in place on a graph: what compiler hooks (Inductor's post-grad passes) call."""
-    spec, policy = _check_args(chunks, exact, fuse)
-    return _rewrite_graph(graph, spec, policy, profile, None, fuse)
+    spec, policy = _check_args(chunks, exact, fuse, exchange)
+    return _rewrite_graph(graph, spec, policy, profile, None, fuse, exchange)
 
 
 def _rewrite_graph(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: ProfileSpec,
-                   no_metadata: str | None, fuse: bool) -> list[SiteReport]:
+                   no_metadata: str | None, fuse: bool, exchange: str) -> list[SiteReport]:
     """`no_metadata`: why the graph has no shapes, when `example_inputs` could not give them."""
     if no_metadata is None and not any(key in node.meta for node in graph.nodes for key in METADATA_KEYS):
         no_metadata = NO_METADATA
-    reports = _apply_all(graph, spec, policy, profile, fuse) if no_metadata is None else _unshaped(graph, no_metadata)
+    reports = (_apply_all(graph, spec, policy, profile, fuse, exchange) if no_metadata is None
+               else _unshaped(graph, no_metadata))
     for report in reports:
         log.info("hcms site %d (%s): %s %s", report.index, report.attention, report.status, report.reason)
     _warn_symbolic(reports)
@@ -136,7 +143,7 @@ def _unshaped(graph: torch.fx.Graph, reason: str) -> list[SiteReport]:
 
 
 def _apply_all(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: ProfileSpec,
-               fuse: bool) -> list[SiteReport]:
+               fuse: bool, exchange: str) -> list[SiteReport]:
     profiles: dict[tuple[str, int], DeviceProfile] = {}
 
     def profile_for(site: Site) -> DeviceProfile:
@@ -146,7 +153,7 @@ def _apply_all(graph: torch.fx.Graph, spec: ChunkSpec, policy: str, profile: Pro
             profiles[key] = resolve_profile(profile, device, site.world_size)
         return profiles[key]
 
-    reports = [_apply(graph, found, spec, policy, profile_for, fuse) for found in match_sites(graph)]
+    reports = [_apply(graph, found, spec, policy, profile_for, fuse, exchange) for found in match_sites(graph)]
     if any(r.rewritten for r in reports):
         graph.lint()
     return _explain_eager_wrappers(graph, reports)
@@ -195,21 +202,22 @@ def _warn_symbolic(reports: list[SiteReport]) -> None:
         log.warning("hcms: %d site(s) left unchunked because of symbolic shapes: %s", len(skipped), sites)
 
 
-def _check_args(chunks: object, exact: object, fuse: object) -> tuple[ChunkSpec, str]:
+def _check_args(chunks: object, exact: object, fuse: object, exchange: object) -> tuple[ChunkSpec, str]:
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be True or False, got {type(fuse).__name__} {fuse!r}")
+    validate_exchange(exchange)
     return validate_chunks(chunks), exactness_policy(exact)
 
 
 def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: str,
-           profile_for: Callable[[Site], DeviceProfile], fuse: bool) -> SiteReport:
+           profile_for: Callable[[Site], DeviceProfile], fuse: bool, exchange: str) -> SiteReport:
     base = dict(index=found.index, attention=found.attention.name, kernel=found.kernel,
                 world_size=found.world_size, local_heads=found.local_heads)
     if isinstance(found, Site) and found.is_stale():
         found = match_again(found)  # an earlier site's rewrite replaced a node this one starts from
     if not isinstance(found, Site):
         return SiteReport(status=SKIPPED, reason=found.reason, **base)
-    plan = plan_site(found, spec, policy, profile_for(found), fuse)
+    plan = plan_site(found, spec, policy, profile_for(found), fuse, exchange)
     if isinstance(plan, str):
         return SiteReport(status=SKIPPED, reason=plan, exchanges=len(found.inputs), **base)
     try:
@@ -225,6 +233,7 @@ def _apply(graph: torch.fx.Graph, found: Site | Skip, spec: ChunkSpec, policy: s
     predicted = plan.prediction
     return SiteReport(status=REWRITTEN, chunk_sizes=plan.chunk_sizes, exchanges=len(found.inputs),
                       collectives=sum(launches(found, plan)) * len(plan.chunk_sizes), fused=plan.fused,
+                      exchange=plan.exchange, exchange_note=plan.note,
                       bitwise=plan.exactness.bitwise, grade=plan.exactness.grade,
                       exactness=plan.exactness.why, rho=predicted.rho if predicted else None,
                       predicted_gain=predicted.gain if predicted else None, choice=plan.choice, **base)

@@ -7,7 +7,8 @@ runs in the forward and backward compilers, partitioned as torch's own `aot_eage
 `torch.compile(..., mode=, options=)` reach Inductor as config patches, as for torch's own Inductor
 backend. Environment variables, read at each compile: `HCMS_DISABLE` (1, true, yes, on in any case
 compile without the pass; 0, false, no, off or empty do not; anything else is an error) and
-`HCMS_CHUNKS` (auto, 3, or 2,1), which overrides `chunks`.
+`HCMS_CHUNKS` (auto, 3, or 2,1), which overrides `chunks`, and `HCMS_EXCHANGE` (auto, nccl or
+copy-engine), which overrides `exchange`.
 
 Terms
 - phase: what AOTAutograd compiles a graph as, "forward", "backward" or "inference", as Inductor's
@@ -24,7 +25,7 @@ Terms
   and over no other: a rank that never compiles such a graph is never waited for.
 
 Steps of `HcmsBackend.__call__(gm, example_inputs, mode=, options=)`:
-1. Read the environment (`HCMS_DISABLE`, `HCMS_CHUNKS`) and check `mode`/`options` (Inductor's).
+1. Read the environment (`HCMS_DISABLE`, `HCMS_CHUNKS`, `HCMS_EXCHANGE`) and check `mode`/`options` (Inductor's).
 2. If the graph has all-to-alls: resolve the profile for the device and the exchanges' group size,
    and under "auto" agree on it over those groups (once per device and groups).
 3. Compile with the inner compiler, the pass hooked in; record every graph's report (or, on a cache
@@ -53,6 +54,7 @@ from .api import ProfileSpec, rewrite_graph
 from .calibrate import agree, resolve_profile
 from .passes import ChunkSpec, symbolic, validate_chunks
 from .passes.exactness import BITWISE, exactness_policy
+from .passes.exchanges import validate_exchange
 from .passes.ops import exchange_args, is_all_to_all
 from .passes.plan import AUTO, parse_chunks
 from .passes.profiles import DeviceProfile
@@ -75,19 +77,27 @@ class HcmsOptions:
     profile: DeviceProfile | None = None  # resolved (and agreed between ranks) for the graph's device
     hints: tuple[int, ...] = ()  # example values of the symbolic sizes: what "auto" plans a dynamic graph at
     fuse: bool = True  # a chunk's exchanges of one group and dtype as one all-to-all (see `rewrite`)
+    exchange: str = AUTO  # how rewritten all-to-alls move bytes: "auto", "nccl" or "copy-engine" (see `rewrite`)
+
+    @property
+    def predicts(self) -> bool:
+        """Whether the plan reads the profile: "auto" chunks, or "auto" exchange choosing between kinds."""
+        return self.chunks == AUTO or self.exchange == AUTO
 
     def key(self) -> str:
         chunks = list(self.chunks) if isinstance(self.chunks, (list, tuple)) else self.chunks
         # the plan of "auto" depends on the profile and, in a dynamic graph, on the compiling example's
         # sizes (Inductor's cache keys symbolic sizes by name): a cached graph planned with others must
         # not be reused, or a rank with a warm cache would run another plan than a cold one and hang
-        auto = self.chunks == AUTO
+        auto = self.predicts
         profile = self.profile.to_json() if self.profile is not None and auto else None
         return json.dumps({"chunks": chunks, "exact": self.exact, "enabled": self.enabled, "profile": profile,
-                           "hints": list(self.hints) if auto else [], "fuse": self.fuse}, sort_keys=True)
+                           "hints": list(self.hints) if auto else [], "fuse": self.fuse, "exchange": self.exchange},
+                          sort_keys=True)
 
     def rewrite(self, graph: torch.fx.Graph) -> list[SiteReport]:
-        return rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile, fuse=self.fuse)
+        return rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile, fuse=self.fuse,
+                             exchange=self.exchange)
 
 
 def _symbolic_hints(example_inputs: Sequence[Any]) -> tuple[int, ...]:
@@ -111,7 +121,7 @@ def env_flag(name: str, environ: dict[str, str] | None = None) -> bool:
 
 
 def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, str] | None = None,
-                     fuse: bool = True) -> HcmsOptions:
+                     fuse: bool = True, exchange: str = AUTO) -> HcmsOptions:
     env = os.environ if environ is None else environ
     enabled = not env_flag("HCMS_DISABLE", env)
     raw = env.get("HCMS_CHUNKS", "").strip()
@@ -121,7 +131,14 @@ def options_from_env(chunks: ChunkSpec, exact: bool | str, environ: dict[str, st
         except (ValueError, TypeError) as err:
             raise ValueError(f"HCMS_CHUNKS={raw!r}: expected auto, a count >= 1 like 3, or local heads per chunk "
                              f"like 2,1 ({err})") from None
-    return HcmsOptions(validate_chunks(chunks), exactness_policy(exact), enabled, fuse=fuse)
+    raw = env.get("HCMS_EXCHANGE", "").strip()
+    if raw:
+        try:
+            exchange = validate_exchange(raw)
+        except ValueError:
+            raise ValueError(f"HCMS_EXCHANGE={raw!r}: expected auto, nccl or copy-engine") from None
+    return HcmsOptions(validate_chunks(chunks), exactness_policy(exact), enabled, fuse=fuse,
+                       exchange=validate_exchange(exchange))
 
 
 @dataclass
@@ -297,21 +314,23 @@ class HcmsBackend:
     """A torch.compile backend that applies HCMS to every forward and backward graph."""
 
     def __init__(self, chunks: ChunkSpec = AUTO, inner: str = "inductor", exact: bool | str = True,
-                 profile: ProfileSpec = None, fuse: bool = True) -> None:
+                 profile: ProfileSpec = None, fuse: bool = True, exchange: str = AUTO) -> None:
         if inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, got {inner!r}")
         validate_chunks(chunks)
         exactness_policy(exact)
         if not isinstance(fuse, bool):
             raise TypeError(f"fuse must be True or False, got {type(fuse).__name__} {fuse!r}")
+        validate_exchange(exchange)
         self.chunks, self.inner, self.exact, self.profile, self.fuse = chunks, inner, exact, profile, fuse
+        self.exchange = exchange
         self.reports: list[GraphReport] = []
         self._profiles: dict[tuple[Any, ...], DeviceProfile] = {}
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
                  options: dict[str, Any] | None = None) -> Callable[..., Any]:
         """Compile one Dynamo graph; `mode` and `options` are torch.compile's, passed on to Inductor."""
-        options_ = options_from_env(self.chunks, self.exact, fuse=self.fuse)
+        options_ = options_from_env(self.chunks, self.exact, fuse=self.fuse, exchange=self.exchange)
         if self.inner == "aot_eager" and ((mode and mode != "default") or options):
             given = f"mode={mode!r}" if mode and mode != "default" else f"options={options!r}"
             raise ValueError(f"hcms backend: {given} configures Inductor, and this backend compiles with "
@@ -324,7 +343,7 @@ class HcmsBackend:
         if not options_.enabled:
             log.info("hcms: HCMS_DISABLE is set; compiling without the pass")
         elif exchanges:
-            profile = self._profile_for(example_inputs, _exchange_groups(exchanges), must_agree=options_.chunks == AUTO)
+            profile = self._profile_for(example_inputs, _exchange_groups(exchanges), must_agree=options_.predicts)
             options_ = replace(options_, profile=profile, hints=_symbolic_hints(example_inputs))
         if self.inner == "inductor":
             return self._inductor(gm, example_inputs, options_, patches)
@@ -447,10 +466,11 @@ def _agree_over(profile: DeviceProfile, groups: list[tuple[str, dist.ProcessGrou
 
 
 def make_backend(chunks: ChunkSpec = AUTO, inner: str = "inductor", exact: bool | str = True,
-                 profile: ProfileSpec = None, fuse: bool = True) -> HcmsBackend:
+                 profile: ProfileSpec = None, fuse: bool = True, exchange: str = AUTO) -> HcmsBackend:
     """A configured HCMS backend: `torch.compile(model, backend=make_backend(chunks=(2, 1)))`.
-    `fuse=False` keeps one all-to-all per exchanged tensor in every chunk (see `hcms_compile.rewrite`)."""
-    return HcmsBackend(chunks=chunks, inner=inner, exact=exact, profile=profile, fuse=fuse)
+    `fuse=False` keeps one all-to-all per exchanged tensor in every chunk; `exchange` is "auto",
+    "nccl" or "copy-engine" (see `hcms_compile.rewrite`)."""
+    return HcmsBackend(chunks=chunks, inner=inner, exact=exact, profile=profile, fuse=fuse, exchange=exchange)
 
 
 hcms_backend = HcmsBackend()

@@ -26,6 +26,8 @@ class SiteReport:
     exchanges: int = 0  # input all-to-alls of the site as traced (3 for q, k, v; 1 for a fused qkv buffer)
     collectives: int = 0  # all-to-all launches of the rewritten site, inputs and outputs of every chunk
     fused: bool = False  # a chunk's exchanges of one process group and dtype travel as one all-to-all
+    exchange: str = ""  # for rewritten sites: how the all-to-alls move bytes, "nccl" or "copy-engine"
+    exchange_note: str = ""  # why copy-engine was not available, or where it runs the group's all-to-all
     bitwise: bool | None = None  # for rewritten sites: is the chunked kernel known to keep its bits
     grade: str = ""  # for rewritten sites: "bitwise", "run-to-run" or "rounding" (passes/exactness.py)
     exactness: str = ""  # what that verdict rests on
@@ -60,13 +62,17 @@ def render_sites(sites: list[SiteReport]) -> str:
         return "no all-to-all -> attention -> all-to-all site found: graph unchanged"
     rows = [
         (s.index, s.attention, s.kernel, s.status, s.world_size or "-", s.local_heads or "-",
-         "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", s.collectives or "-", _bits(s), _percent(s.rho),
-         _percent(s.predicted_gain), s.reason or s.choice)
+         "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", s.collectives or "-", s.exchange or "-",
+         _bits(s), _percent(s.rho), _percent(s.predicted_gain), s.reason or _joined(s.choice, s.exchange_note))
         for s in sites
     ]
-    headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "a2a/site", "bits",
-               "rho", "pred. gain", "reason")
+    headers = ("site", "attention", "kernel", "status", "P", "local heads", "chunks", "a2a in", "a2a/site", "exchange",
+               "bits", "rho", "pred. gain", "reason")
     return tabulate(rows, headers=headers, tablefmt="simple")
+
+
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def _bits(site: SiteReport) -> str:

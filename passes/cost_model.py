@@ -31,13 +31,14 @@ Steps of `site_cost(site)`:
 
 - fused: each chunk's input exchanges run as ONE all-to-all (one latency, the summed bytes), and its
   output exchanges as one. The plain site can be fused too (one chunk).
-- SM exchange: an all-to-all run by kernels on the SMs (NCCL); a copy-engine exchange
-  (`profile.copy_engine_exchange`) moves bytes without SMs.
+- SM exchange: an all-to-all run by kernels on the SMs (NCCL); a copy-engine exchange moves bytes
+  without SMs: the `copy-engine` kind (`exchanges.py`, priced with the profile's `copy_engine_*`
+  figures), or any exchange where `profile.copy_engine_exchange` says the group's own one does.
 - persistent attention (`profile.persistent_attention`): the attention kernel holds every SM while
   it runs (cuDNN SDPA bf16 on Hopper: one 232 KB CTA per SM).
 - contention: the fraction of overlapped SM-exchange time added to compute that shares the SMs.
 
-Steps of `predict(cost, profile, chunk_sizes, fused, order)`:
+Steps of `predict(cost, profile, chunk_sizes, fused, order, exchange)`:
 1. Write the kernels in host issue order. `INPUTS_FIRST` (what schedule.py emits): every chunk's send
    copies and input all-to-alls, in chunk order; then per chunk c its receive copies, attention,
    output copy and output all-to-all; then the reassembly, after every output all-to-all.
@@ -51,8 +52,13 @@ Steps of `predict(cost, profile, chunk_sizes, fused, order)`:
    (c) an SM exchange and a persistent attention ready at the same moment: with several hardware
        queues the attention wins and (a) applies; with dispatch in launch order
        (`profile.launch_order_dispatch`) the one issued first goes first, and an exchange that goes
-       first shares by (b);
-   (d) a copy-engine exchange starts as soon as it is ready and slows nothing (contention 0).
+       first shares by (b); the copy-engine exchange's staging copy issued first goes first either
+       way (measured once, on the H200: the lanes of hcms-2 at 32K);
+   (d) a copy-engine step starts as soon as it is ready and slows nothing (contention 0). The
+       copy-engine exchange is two comm steps: staging (the blocks for the peers and the own block,
+       copies within the GPU at `copy_engine_local_bandwidth`, on the SMs: (a)-(c) apply), then the
+       pull, `copy_engine_latency + crossing / copy_engine_bandwidth` on copy engines; at world
+       size 1 the pull is a copy within the GPU as well, on the SMs.
    Non-persistent attention follows (b) alone, the model before these rules.
 3. The site's time is when both streams are done; gains are against the plain site as traced (one
    chunk, unfused, same order).
@@ -67,6 +73,7 @@ from dataclasses import dataclass
 
 from torch.fx import Node
 
+from .exchanges import COPY_ENGINE, KINDS, NCCL
 from .match import Site, value_of
 from .ops import attention_args, target_name
 from .profiles import DeviceProfile
@@ -119,6 +126,7 @@ class Prediction:
     gain: float  # gain_s / plain time
     fused: bool = False  # each chunk's input exchanges ran as one all-to-all, and its output exchanges as one
     order: str = "inputs_first"  # the emitted order predicted (ORDERS)
+    exchange: str = NCCL  # the exchange kind predicted (exchanges.KINDS)
 
 
 # -- steps 1-2 of site_cost ------------------------------------------------------------------------
@@ -195,22 +203,40 @@ class _Step:
     kind: str  # "copy", "attention" or "exchange"
     key: str = ""  # comm steps: the exchange it belongs to ("in0", "out1"); several steps may share one
     waits: tuple[str, ...] = ()  # compute steps: exchanges that must be complete
+    sm: bool = True  # comm steps: runs on the SMs (NCCL's kernels, copies within the GPU), not copy engines
+    first: bool = False  # comm steps: dispatched ahead of an attention kernel queued at the same moment
 
 
 def _program(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[int, ...], fused: bool,
-             order: str) -> list[_Step]:
+             order: str, exchange: str = NCCL) -> list[_Step]:
     """The site's kernels in the order `order` issues them (step 1 of `predict`)."""
-    crossing = (cost.world_size - 1) / cost.world_size
+    world = cost.world_size
+    crossing = (world - 1) / world
+
+    sm_exchange = not profile.copy_engine_exchange
+
+    def steps(key: str, nbytes: float) -> list[_Step]:
+        if exchange == COPY_ENGINE and profile.copy_engine_bandwidth > 0:
+            # its copies within the GPU run on the SMs (measured on the H200), what crosses to the peers
+            # on copy engines. Without its figures (bandwidth 0) it is priced as the group's own, below
+            local_bandwidth = profile.copy_engine_local_bandwidth or profile.copy_bandwidth
+            # staging (the own block too): a copy ready when an attention kernel ends went ahead of the
+            # next, already queued one (H200 lanes of hcms-2 at 32K), where NCCL's kernel lost: rule (c)
+            stage = _Step(True, 2 * nbytes / local_bandwidth, "exchange", key=key, first=True)
+            if world == 1:  # the pull is a copy within the GPU too, issued behind a signal wait: no race won
+                pull = _Step(True, profile.copy_engine_latency + 2 * nbytes / local_bandwidth, "exchange", key=key)
+            else:
+                pull = _Step(True, profile.copy_engine_latency + nbytes * crossing / profile.copy_engine_bandwidth,
+                             "exchange", key=key, sm=False)
+            return [stage, pull]
+        time = profile.a2a_latency + nbytes * crossing / profile.a2a_bandwidth
+        if profile.a2a_local_bandwidth > 0:  # the 1/P that stays is copied by the exchange kernel too
+            time += 2 * nbytes / world / profile.a2a_local_bandwidth
+        return [_Step(True, time, "exchange", key=key, sm=sm_exchange)]
 
     def exchanges(key: str, buffers: tuple[int, ...], share: float) -> list[_Step]:
         groups = [sum(buffers)] if fused and buffers else list(buffers)
-        out = []
-        for b in groups:
-            seconds = profile.a2a_latency + share * b * crossing / profile.a2a_bandwidth
-            if profile.a2a_local_bandwidth > 0:  # the 1/P that stays is copied by the exchange kernel too
-                seconds += 2 * share * b / cost.world_size / profile.a2a_local_bandwidth
-            out.append(_Step(True, seconds, "exchange", key=key))
-        return out
+        return [step for b in groups for step in steps(key, share * b)]
 
     def copy(nbytes: float, kernels: int, waits: tuple[str, ...] = ()) -> list[_Step]:
         if nbytes <= 0:  # no kernel: a zero-length step would sit between a race's two kernels
@@ -260,8 +286,6 @@ def _simulate(program: list[_Step], profile: DeviceProfile) -> tuple[float, floa
 
     Returns the wall time, the compute stream's busy time and the comm stream's busy time.
     """
-    sm_exchange = not profile.copy_engine_exchange
-    contention = profile.contention if sm_exchange else 0.0
     compute = _Stream([i for i, s in enumerate(program) if not s.comm])
     comm = _Stream([i for i, s in enumerate(program) if s.comm])
     finished: dict[int, float] = {}
@@ -291,8 +315,8 @@ def _simulate(program: list[_Step], profile: DeviceProfile) -> tuple[float, floa
     while compute.running is not None or comm.running is not None or \
             compute.head < len(compute.steps) or comm.head < len(comm.steps):
         c, m = ready(compute), ready(comm)
-        if c is not None and m is not None and sm_exchange and profile.persistent_attention \
-                and program[c].kind == "attention" and profile.launch_order_dispatch and m < c:
+        if c is not None and m is not None and program[m].sm and profile.persistent_attention \
+                and program[c].kind == "attention" and (profile.launch_order_dispatch or program[m].first) and m < c:
             # rule (c) with one hardware queue: dispatch follows launch order, the exchange goes first and
             # the attention kernel starting beside it shares the SMs (rule b)
             start(comm, m)
@@ -301,12 +325,12 @@ def _simulate(program: list[_Step], profile: DeviceProfile) -> tuple[float, floa
             # rule (c) with several queues: an attention kernel ready at the same moment as an exchange takes
             # every SM first, so the exchange is blocked just below
             start(compute, c)
-        if m is not None and not (sm_exchange and owns_the_gpu()):
+        if m is not None and not (program[m].sm and owns_the_gpu()):
             start(comm, m)  # rule (a) otherwise: it waits for the persistent kernel's end
         if compute.running is None and comm.running is None:
             raise RuntimeError("the cost model's program deadlocked; this is a bug in _program")
         # step to the next completion; compute runs at 1 - contention while an SM exchange shares the GPU
-        rate = 1.0 - contention if comm.running is not None else 1.0
+        rate = 1.0 - profile.contention if comm.running is not None and program[comm.running].sm else 1.0
         ends = []
         if compute.running is not None and rate > 0:
             ends.append(t + compute.left / rate)
@@ -330,12 +354,15 @@ def _simulate(program: list[_Step], profile: DeviceProfile) -> tuple[float, floa
 
 
 def predict_against(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[int, ...],
-                    plain: Prediction | None, fused: bool = False, order: str = INPUTS_FIRST) -> Prediction:
+                    plain: Prediction | None, fused: bool = False, order: str = INPUTS_FIRST,
+                    exchange: str = NCCL) -> Prediction:
     """The prediction for `chunk_sizes`; `plain` is the plain site's, or None when this run is the plain
-    site (then `fused` must be False: the plain site is the graph as traced)."""
+    site (then `fused` must be False and `exchange` NCCL: the plain site is the graph as traced)."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    program = _program(cost, profile, chunk_sizes, fused, order)
+    if exchange not in KINDS:
+        raise ValueError(f"exchange must be one of {KINDS}, got {exchange!r}")
+    program = _program(cost, profile, chunk_sizes, fused, order, exchange)
     time_s, busy_s, _ = _simulate(program, profile)
     comm_s = sum(step.seconds for step in program if step.comm)
     attention_s = sum(step.seconds for step in program if step.kind == "attention")
@@ -349,7 +376,7 @@ def predict_against(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[i
     return Prediction(chunks=chunk_sizes, comm_s=comm_s, compute_s=attention_s, copy_s=copy_s,
                       contention_s=busy_s - attention_s - copy_s, time_s=time_s, exposed_comm_s=time_s - busy_s,
                       rho=rho, gain_s=gain_s, gain=gain_s / plain_time if plain_time > 0 else 0.0, fused=fused,
-                      order=order)
+                      order=order, exchange=exchange)
 
 
 def _check_sizes(cost: SiteCost, chunk_sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -362,12 +389,13 @@ def _check_sizes(cost: SiteCost, chunk_sizes: tuple[int, ...]) -> tuple[int, ...
 
 
 def predict(cost: SiteCost, profile: DeviceProfile, chunk_sizes: tuple[int, ...], fused: bool = False,
-            order: str = INPUTS_FIRST) -> Prediction:
+            order: str = INPUTS_FIRST, exchange: str = NCCL) -> Prediction:
     """The predicted time of `cost`'s site run with `chunk_sizes` local heads per chunk (one entry: the
     site in one chunk), each chunk's exchanges fused into one all-to-all each way when `fused`, in the
-    emitted `order`. Gains are against the plain site as traced (one chunk, unfused)."""
+    emitted `order`, with the `exchange` kind. Gains are against the plain site as traced (one chunk,
+    unfused, the group's all-to-all)."""
     sizes = _check_sizes(cost, chunk_sizes)
     plain = predict_against(cost, profile, (cost.local_heads,), None, order=order)
-    if len(sizes) == 1 and not fused:
+    if len(sizes) == 1 and not fused and exchange == NCCL:
         return plain
-    return predict_against(cost, profile, sizes, plain, fused, order)
+    return predict_against(cost, profile, sizes, plain, fused, order, exchange)

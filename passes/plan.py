@@ -12,17 +12,22 @@ Steps:
 1. `validate_chunks` rejects malformed specs before any graph is touched (a clear error).
 2. `chunk_sizes` turns a count or explicit sizes into sizes for one site, or a skip reason when the
    spec does not fit that site (more chunks than units, sizes that do not sum to the heads). One
-   chunk is the fused plain site where fusing changes something (`fusable`), else a skip.
-3. With "auto", `choose_chunks` predicts (`cost_model.predict_against`) the plain site, the plain
+   chunk is the fused plain site where fusing changes something (`fusable`) or the plain site moved
+   to the copy-engine exchange, else a skip.
+3. The exchange spec ("auto", "nccl", "copy-engine") gives the kinds a site may use
+   (`exchanges.site_kinds`); with more than one, the predictions pick (`_fastest`, and "auto" chunks
+   weigh every kind with every chunking).
+4. With "auto", `choose_chunks` predicts (`cost_model.predict_against`) the plain site, the plain
    site with its exchanges fused (one all-to-all for q, k and v), and every even split into 2..8
    chunks that the exactness policy accepts, each unfused and fused; takes the fastest, and keeps it
    only if it beats the plain site by more than the profile's model error; otherwise the site stays
    plain. `Choice.fused` says which exchange form won; `plan_site` offers the fused forms only where
    fusing changes something (`fusable`) and the caller allows it (`fuse`).
-4. `plan_site` asks `exactness.judge` how close the chunked kernel stays to the unchunked one
+5. `plan_site` asks `exactness.judge` how close the chunked kernel stays to the unchunked one
    (bitwise, within its run-to-run variation, or rounding only); a grade the exactness policy
    does not accept is a skip, an accepted one is planned and reported.
-The plan depends only on the graph's shapes, the kernel, the spec and the device profile, so ranks
+The plan depends only on the graph's shapes, the kernel, the spec, the device profile and the
+exchange kinds the group supports (`copy_engine.support` reads facts every rank shares), so ranks
 that hold the same profile (`hcms calibrate` and the backend make them agree) reach the same plan.
 With a symbolic sequence length (dynamic shapes) explicit chunks do not depend on S at all; "auto"
 predicts at the size hints, the lengths of the example that triggered the compile, which every rank
@@ -39,6 +44,7 @@ from torch.fx import Node
 
 from .cost_model import Prediction, SiteCost, predict, predict_against, site_cost
 from .exactness import BITWISE, Exactness, accepts, judge
+from .exchanges import COPY_ENGINE, NCCL, group_name, site_kinds
 from .match import Site, value_of
 from .ops import attention_args
 from .profiles import DeviceProfile
@@ -59,6 +65,7 @@ class Choice:
     best: Prediction  # the fastest accepted candidate (the plain site when there is none)
     candidates: tuple[Prediction, ...]  # every accepted candidate, in increasing C, unfused before fused
     fused: bool = False  # the chosen form exchanges each chunk's tensors in one all-to-all per direction
+    exchange: str = NCCL  # the chosen exchange kind (exchanges.KINDS)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class ChunkPlan:
     prediction: Prediction | None = None  # with a profile: the predicted time of these chunks
     choice: str = ""  # with "auto": why this chunk count
     fused: bool = False  # a chunk's exchanges of one process group and dtype travel as one all-to-all
+    exchange: str = NCCL  # how the chunks' all-to-alls move their bytes (exchanges.KINDS)
+    note: str = ""  # about the exchange: why copy-engine was not available, or runs the group's all-to-all
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -140,17 +149,19 @@ def _percent(x: float) -> str:
 def _form(prediction: Prediction) -> str:
     c = len(prediction.chunks)
     name = "plain" if c == 1 else f"C={c}"
-    return f"{name} fused" if prediction.fused else name
+    name = f"{name} fused" if prediction.fused else name
+    return f"{name} over {prediction.exchange}" if prediction.exchange != NCCL else name
 
 
 def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int = 1,
                   max_chunks: int = MAX_AUTO_CHUNKS,
                   accept: Callable[[tuple[int, ...]], bool] | None = None,
-                  fused: Sequence[bool] = (False, True)) -> Choice:
-    """The chunk sizes (in local heads) and exchange form for a site of `units` chunkable units of
-    `group` query heads each; `accept` drops chunkings the exactness policy refuses; `fused` lists the
-    exchange forms to consider (False: one all-to-all per tensor, as traced; True: one per chunk and
-    direction). With True the plain site fused (one chunk) is a candidate too."""
+                  fused: Sequence[bool] = (False, True), kinds: Sequence[str] = (NCCL,)) -> Choice:
+    """The chunk sizes (in local heads), exchange form and exchange kind for a site of `units`
+    chunkable units of `group` query heads each; `accept` drops chunkings the exactness policy
+    refuses; `fused` lists the exchange forms to consider (False: one all-to-all per tensor, as
+    traced; True: one per chunk and direction); `kinds` the exchange kinds (exchanges.KINDS). The
+    plain site in other form (fused, or over another kind) is a candidate too."""
     if units < 1 or group < 1 or max_chunks < 1:
         raise ValueError(f"units, group and max_chunks must be >= 1, got {units}, {group}, {max_chunks}")
     if units * group != cost.local_heads:
@@ -162,8 +173,12 @@ def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int
     # a fused exchange of several tensors changes nothing when each direction has one tensor already
     fusable = len(cost.input_bytes) > 1 or len(cost.output_bytes) > 1
     forms = [f for f in forms if not f or fusable]
-    candidates = [predict_against(cost, profile, (cost.local_heads,), plain, True)] if True in forms else []
-    candidates += [predict_against(cost, profile, sizes, plain, f) for sizes in allowed for f in forms]
+    kinds = [k for k in (NCCL, COPY_ENGINE) if k in kinds]  # NCCL first: a tie keeps the traced kind
+    whole = (cost.local_heads,)
+    candidates = [predict_against(cost, profile, whole, plain, f, exchange=k)
+                  for k in kinds for f in forms if f or k != NCCL]
+    candidates += [predict_against(cost, profile, sizes, plain, f, exchange=k)
+                   for sizes in allowed for k in kinds for f in forms]
     if not candidates:
         what = "KV head" if group > 1 else "local head"
         reason = f"one {what}: nothing to chunk" if not splits else "no chunking the exactness policy accepts"
@@ -175,7 +190,7 @@ def choose_chunks(cost: SiteCost, profile: DeviceProfile, units: int, group: int
     form = _form(best)
     if best.gain_s > 0 and best.gain_s >= profile.model_error * plain.time_s:
         reason = f"{form} predicted {_percent(best.gain)} faster (rho {_percent(plain.rho)})"
-        return Choice(best.chunks, reason, plain, best, tuple(candidates), best.fused)
+        return Choice(best.chunks, reason, plain, best, tuple(candidates), best.fused, best.exchange)
     if plain.rho < profile.model_error:
         reason = f"rho {_percent(plain.rho)}: nothing to hide"
     elif best.gain_s < 0:
@@ -219,16 +234,23 @@ ONE_CHUNK = "one chunk: the attention call is the original one"
 
 
 def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
-              profile: DeviceProfile | None = None, fuse: bool = True) -> ChunkPlan | str:
+              profile: DeviceProfile | None = None, fuse: bool = True, exchange: str = NCCL) -> ChunkPlan | str:
     """The plan for one site, or why it keeps its original form. With `fuse`, each chunk's
-    exchanges that can share an all-to-all do; one chunk then means the fused plain site."""
+    exchanges that can share an all-to-all do; one chunk then means the fused plain site.
+    `exchange` ("auto", "nccl" or "copy-engine", see exchanges.py) says which exchange kinds the plan
+    may use; under "auto" the profile's predictions choose between the kinds the site supports."""
     fused = fuse and fusable(site)
+    available = site_kinds(value_of(site.heads["query"]).device, group_name(site.inputs[0].all_to_all), exchange)
+    kinds, note = available.kinds, available.note
     if _one_chunk(chunks, site.local_heads):
-        if not fused:
+        # one chunk changes the site only by fusing its exchanges or moving them over another kind
+        forms = [(f, k) for k in kinds for f in ((True,) if fused else (False,)) if f or k != NCCL]
+        if not forms:
             why = ": no two exchanges of one direction share a dtype to fuse" if fuse else ""
             return f"one chunk: nothing to pipeline{why}"
-        prediction = predict(site_cost(site), profile, (site.local_heads,), fused=True) if profile is not None else None
-        return ChunkPlan((site.local_heads,), Exactness(BITWISE, ONE_CHUNK), prediction, fused=True)
+        form, prediction = _fastest(site, (site.local_heads,), forms, profile)
+        return ChunkPlan((site.local_heads,), Exactness(BITWISE, ONE_CHUNK), prediction, fused=form[0],
+                         exchange=form[1], note=note)
     # keys shared whole by every chunk (one KV head on the rank) are not in `site.heads`
     query, key = (value_of(attention_args(site.attention, site.op)[name]) for name in ("query", "key"))
 
@@ -249,17 +271,19 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
             return accepts(policy, grade)
 
         forms = (False, True) if fused else (False,)
-        choice = choose_chunks(cost, profile, site.local_heads // group, group, accept=accept, fused=forms)
-        note = _hint_note(query, key)
-        if len(choice.chunk_sizes) == 1 and choice.fused:
-            return ChunkPlan(choice.chunk_sizes, Exactness(BITWISE, ONE_CHUNK), choice.best, choice.reason + note, True)
+        choice = choose_chunks(cost, profile, site.local_heads // group, group, accept=accept, fused=forms,
+                               kinds=kinds)
+        hint_note = _hint_note(query, key)
+        if len(choice.chunk_sizes) == 1 and (choice.fused or choice.exchange != NCCL):
+            return ChunkPlan(choice.chunk_sizes, Exactness(BITWISE, ONE_CHUNK), choice.best, choice.reason + hint_note,
+                             choice.fused, choice.exchange, note)
         if len(choice.chunk_sizes) == 1:
             symbolic = next((grade for grade in refused if grade.symbolic), None)
             if symbolic is not None and not choice.candidates:
                 return f"{SYMBOLIC}auto: no chunking keeps bits for every length ({symbolic.grade}: {symbolic.why})"
-            return f"auto: {choice.reason}{note}"
-        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason + note,
-                         choice.fused)
+            return f"auto: {choice.reason}{hint_note}"
+        return ChunkPlan(choice.chunk_sizes, verdict(choice.chunk_sizes), choice.best, choice.reason + hint_note,
+                         choice.fused, choice.exchange, note)
     if group > 1:
         # grouped-query attention: a chunk holds whole groups of `group` query heads and their KV head
         if not isinstance(chunks, int) and any(size % group for size in chunks):
@@ -277,8 +301,21 @@ def plan_site(site: Site, chunks: ChunkSpec, policy: str = BITWISE,
     if not accepts(policy, grade):
         prefix = SYMBOLIC if grade.symbolic else ""
         return f"{prefix}chunking may change bits ({grade.grade}: {grade.why}); pass exact={grade.grade!r} to allow it"
-    prediction = predict(site_cost(site), profile, sizes, fused=fused) if profile is not None else None
-    return ChunkPlan(sizes, grade, prediction, fused=fused)
+    form, prediction = _fastest(site, sizes, [(fused, k) for k in kinds], profile)
+    return ChunkPlan(sizes, grade, prediction, fused=fused, exchange=form[1], note=note)
+
+
+def _fastest(site: Site, sizes: tuple[int, ...], forms: list[tuple[bool, str]],
+             profile: DeviceProfile | None) -> tuple[tuple[bool, str], Prediction | None]:
+    """The (fused, exchange kind) of `forms` predicted fastest for `sizes` (the first on a tie, or
+    without a profile the last: the kinds come NCCL first, so an explicit or available copy-engine
+    exchange is what "auto" takes when nothing can be predicted)."""
+    if profile is None:
+        return forms[-1], None
+    cost = site_cost(site)
+    predictions = [predict(cost, profile, sizes, fused=f, exchange=k) for f, k in forms]
+    best = min(range(len(forms)), key=lambda i: predictions[i].time_s)
+    return forms[best], predictions[best]
 
 
 def _hint_note(query: object, key: object) -> str:

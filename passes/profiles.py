@@ -21,6 +21,11 @@ Terms
 - per-call costs: `a2a_latency` per all-to-all call, `attention_latency` per attention kernel,
   `copy_latency` per layout-copy kernel; `a2a_local_bandwidth` charges the 1/P of a buffer that
   stays on the rank (the whole buffer at world size 1), 0 meaning free.
+- copy-engine figures: `copy_engine_bandwidth`, `copy_engine_latency`, `copy_engine_local_bandwidth`
+  price `torch.ops.hcms.all_to_all` (hcms_compile/copy_engine.py): peer-to-peer copies, a fixed cost
+  per call (its copies and stream memory operations are issued from the host), and the local copies
+  it makes (staging the peers' blocks, the own block; these run on the SMs). Bandwidth 0 means
+  unknown (CPU, a profile saved before them): the exchange is then priced as the all-to-all.
 - estimate: a built-in profile whose numbers come from data sheets and BACKGROUND.md, not from this
   machine; `hcms calibrate` (hcms_compile/calibrate.py) measures a real one.
 
@@ -63,13 +68,18 @@ class DeviceProfile:
     # -- per-call costs --
     copy_latency: float = 0.0  # s of fixed cost per layout-copy kernel
     a2a_local_bandwidth: float = 0.0  # bytes/s read+write of the part of a buffer that stays on the rank; 0: free
+    # -- the copy-engine exchange (exchanges.COPY_ENGINE); bandwidth 0: unknown, priced as the group's own --
+    copy_engine_bandwidth: float = 0.0  # bytes/s crossing for one rank, peer-to-peer copy-engine transfers
+    copy_engine_latency: float = 0.0  # s per exchange call: host-issued copies and stream memory operations
+    copy_engine_local_bandwidth: float = 0.0  # bytes/s read+write of its local copies (staging, own block)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"DeviceProfile.name must be a non-empty string, got {self.name!r}")
         for field in ("a2a_bandwidth", "attention_flops", "copy_bandwidth"):
             _check_number(field, getattr(self, field), positive=True)
-        for field in ("a2a_latency", "attention_latency", "model_error", "copy_latency", "a2a_local_bandwidth"):
+        for field in ("a2a_latency", "attention_latency", "model_error", "copy_latency", "a2a_local_bandwidth",
+                      "copy_engine_bandwidth", "copy_engine_latency", "copy_engine_local_bandwidth"):
             _check_number(field, getattr(self, field), positive=False)
         _check_number("contention", self.contention, positive=False)
         if self.contention > 1:
@@ -132,6 +142,14 @@ _LINKS = {  # interconnect: (bandwidth, latency, contention, what the numbers ar
            "one 400 Gb/s NDR InfiniBand NIC per GPU gives about 45 GB/s per direction after protocol "
            "overhead; latency is higher across nodes. Contention 0.15: NCCL's network path uses few SMs"),
 }
+# The copy-engine exchange: PERFORMANCE.md has copy engines at about NCCL's NVLink bandwidth (370-380 GB/s
+# per direction on an H100); over PCIe peer-to-peer they move what the link moves. Its local copies (the
+# blocks it stages, its own block) are contiguous cudaMemcpyAsync: 256 MiB took 126-166 us on the H200
+# (3.2-4.3 TB/s read+write; the H100's scaled by HBM bandwidth). 20 us per call: `hcms calibrate` measured 9.9 us
+# of GPU time at world size 1, doubled for the signals of several peers. Across nodes it does not run.
+_COPY_ENGINE = {"nvlink": 370e9, "pcie": 40e9}
+_COPY_ENGINE_LOCAL = {"h100": 2.2e12, "h200": 3.2e12}
+_COPY_ENGINE_LATENCY = 20e-6
 _ESTIMATE_ERROR = 0.10  # built-in guesses: a chunking must be predicted >10% faster to be chosen
 
 # Measured on the 2-core development machine with `hcms calibrate` (2 gloo ranks, one thread each, three
@@ -147,6 +165,9 @@ def _hopper(gpu: str, link: str) -> DeviceProfile:
         name=f"{gpu}-{link}", a2a_bandwidth=bandwidth, a2a_latency=latency, attention_flops=_HOPPER_ATTENTION,
         attention_latency=_ATTENTION_LATENCY, copy_bandwidth=_COPY[gpu], contention=contention,
         model_error=_ESTIMATE_ERROR, estimate=True, persistent_attention=True,
+        copy_engine_bandwidth=_COPY_ENGINE.get(link, 0.0),
+        copy_engine_latency=_COPY_ENGINE_LATENCY if link in _COPY_ENGINE else 0.0,
+        copy_engine_local_bandwidth=_COPY_ENGINE_LOCAL[gpu] if link in _COPY_ENGINE else 0.0,
         source=(f"built-in estimate for {gpu.upper()} over {link}: attention 600 TFLOP/s from BACKGROUND.md's "
                 f"560-680 TFLOP/s measured on an H200; permuted copies at {_COPY[gpu] / 1e12:.2f} TB/s read+write "
                 f"(measured on an H200{'' if gpu == 'h200' else ', scaled by HBM bandwidth'}); {why}. "

@@ -17,6 +17,9 @@ Terms
   (q, k, v; dq, dk, dv) as one all-to-all. Each buffer is viewed rank-major as [P, n_i] and the
   views are concatenated on dim 1; the received [P, sum n_i] buffer is sliced back on dim 1, and
   each [P, n_i] piece is what its exchange would have received (an all-to-all only moves bytes).
+- exchange kind (`plan.exchange`): every all-to-all and wait the rewrite emits goes through
+  `exchanges.EXCHANGES[kind]` (the group's own all-to-all, in the traced op's form, or the
+  copy-engine op); nothing else here depends on the kind.
 - whole: a plan of one chunk, the fused plain site: the send buffers are sent as they are and the
   received output is the result, with no slicing or concatenation.
 
@@ -57,6 +60,7 @@ from torch.fx.node import map_arg
 
 from . import symbolic
 from .emit import Emitter
+from .exchanges import EXCHANGES
 from .layout import Atom, Layout
 from .match import Escape, InputExchange, Site, shape_of, value_of
 from .ops import (
@@ -66,8 +70,6 @@ from .ops import (
     REGROUP,
     STACK,
     aten,
-    c10d,
-    exchange_args,
     inplace_fill,
     is_c10d_all_to_all,
     is_wait,
@@ -177,19 +179,11 @@ class _SiteWriter:
 
     def exchange(self, send: Node, original: Node, rows: object) -> Node:
         """An all-to-all of `send` (`rows` rows, split evenly between the ranks) on `original`'s group."""
-        args = exchange_args(original)
-        # a symbolic row count (a flattened buffer holding the sequence) gives split sizes as nodes
-        splits = self.emit.size_args([symbolic.size(rows // self.site.world_size)] * self.site.world_size)
-        if is_c10d_all_to_all(original):
-            return self.emit.call(c10d.all_to_all_single.default, send, splits, splits, args.group)
-        out_splits = splits if args.output_splits else args.output_splits
-        in_splits = splits if args.input_splits else args.input_splits
-        return self.emit.call(original.target, send, out_splits, in_splits, args.group)
+        return self.kind.issue(self.emit, send, original, rows, self.site.world_size)
 
     def wait(self, a2a: Node, original: Node, original_wait: Node) -> Node:
         """The wait on a new chunk exchange `a2a` that replaces `original` (waited by `original_wait`)."""
-        target = c10d.wait_tensor.default if is_c10d_all_to_all(original) else original_wait.target
-        return self.emit.call(target, a2a)
+        return self.kind.wait(self.emit, a2a, original, original_wait)
 
     def takes_view(self, ex: InputExchange, value: Node) -> bool:
         """Whether the receive tree can start from `value` as it is: the wait's own value, or a fused
@@ -339,6 +333,7 @@ class _SiteWriter:
     def run(self, plan: ChunkPlan) -> None:
         site = self.site
         self.fused = plan.fused
+        self.kind = EXCHANGES[plan.exchange]
         self.whole = len(plan.chunk_sizes) == 1
         self.collected: list[list[tuple[Node, int]]] = [[] for _ in site.outputs]
         self.parts: dict[Escape, list[Node]] = {e: [] for e in site.escapes}
