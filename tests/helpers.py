@@ -26,8 +26,14 @@ def examples(ci: int) -> settings:
     return settings()
 
 
+def is_exchange_node(node: Node) -> bool:
+    """An all-to-all of either exchange kind: the group's own, or the copy-engine op (which graphs
+    rewritten with exchange="copy-engine", or under HCMS_EXCHANGE=copy-engine, hold instead)."""
+    return is_all_to_all(node) or node.target is torch.ops.hcms.all_to_all.default
+
+
 def count_all_to_alls(gm: GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if is_all_to_all(n))
+    return sum(1 for n in gm.graph.nodes if is_exchange_node(n))
 
 
 def _outputs(original: GraphModule, rewritten: GraphModule, case: UlyssesCase, seed: int):

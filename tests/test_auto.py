@@ -90,8 +90,10 @@ def test_a_saved_profile_is_found_by_path_and_by_environment(tmp_path, monkeypat
 
 def test_the_cache_key_holds_the_profile_only_when_the_plan_depends_on_it():
     auto = [HcmsOptions(chunks="auto", profile=p).key() for p in (BASE, FAST_LINK)]
-    fixed = [HcmsOptions(chunks=2, profile=p).key() for p in (BASE, FAST_LINK)]
-    assert auto[0] != auto[1] and fixed[0] == fixed[1]
+    fixed = [HcmsOptions(chunks=2, exchange="nccl", profile=p).key() for p in (BASE, FAST_LINK)]
+    # explicit chunks with exchange="auto" (the default): the profile still chooses the exchange kind
+    kind = [HcmsOptions(chunks=2, profile=p).key() for p in (BASE, FAST_LINK)]
+    assert auto[0] != auto[1] and fixed[0] == fixed[1] and kind[0] != kind[1]
 
 
 # -- ranks that measured different profiles ---------------------------------------------------

@@ -24,7 +24,11 @@ NAMES = {
     "triton_poi_fused_scatter_4": "copy",  # scatter holds "cat" but is not a concat
     "triton_red_fused_sum_0": "other",
     "triton_per_fused_clone_sum_5": "copy",
-    "Memcpy DtoD (Device -> Device)": "copy",
+    # the copy-engine exchange's transfers; a host copy stays a copy
+    "Memcpy DtoD (Device -> Device)": "collective",
+    "Memcpy PtoP (Device -> Device)": "collective",
+    "Memcpy HtoD (Pageable -> Device)": "copy",
+    "hcms::all_to_all": "collective",
     "void at::native::elementwise_kernel<128, 2, at::native::direct_copy_kernel_cuda(...)>(int, ...)": "copy",
     "void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>(...)": "concat",
     "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, ...>(...)": "other",

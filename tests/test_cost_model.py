@@ -604,3 +604,46 @@ def test_predictions_match_the_recorded_h200_breakdown():
         assert predicted == pytest.approx(measured, rel=tolerance), (seq, mode, predicted, measured, tolerance)
         checked += 1
     assert checked == 3 * 4
+
+
+def test_predictions_match_the_recorded_h200_copy_engine_bench():
+    """Predicted speed-ups of hcms-2 and the fused plain site over the copy-engine exchange against
+    `docs/bench_h200_w1_layer_copy_engine.json` (one H200, world size 1, forward, 16K and 32K).
+
+    At world size 1 every byte of the exchange stays on the GPU: its staging and its pull are copies on
+    the SMs, which the model charges at the calibrated local bandwidth and latency
+    (`docs/profile_h200_w1_copy_engine.json`); the attention time is each length's attention-only row. Tolerance 5%,
+    as for the other benches; and the copy-engine rows are predicted slower than hcms-2 over NCCL, as measured.
+    """
+    import json
+
+    check = json.loads((_DOCS / "model_check_h200.json").read_text())
+    measured_profile = json.loads((_DOCS / "profile_h200_w1_copy_engine.json").read_text())["profile"]
+    bench = json.loads((_DOCS / "bench_h200_w1_layer_copy_engine.json").read_text())
+    rows = {(r["seq"], r["mode"]): r for r in bench["rows"]}
+    heads, dim = 40, 128
+    base = DeviceProfile.from_json(check["profiles"]["1"]["profile"])
+    checked = 0
+    for seq in (16384, 32768):
+        tensor = seq * heads * dim * 2
+        cost = SiteCost(attention_flops=4.0 * heads * seq * seq * dim, input_bytes=(tensor,) * 3,
+                        output_bytes=(tensor,), send_copy_bytes=0, receive_copy_bytes=0, output_copy_bytes=0,
+                        reassembly_bytes=tensor, world_size=1, local_heads=heads, backward=False, causal=False,
+                        uncopied_input_bytes=3 * tensor, uncopied_output_bytes=tensor)
+        attention_s = rows[seq, "attention-only"]["median_ms"] / 1e3
+        profile = dataclasses.replace(
+            base, attention_flops=cost.attention_flops / (attention_s - base.attention_latency),
+            copy_bandwidth=measured_profile["copy_bandwidth"], copy_engine_bandwidth=370e9,
+            copy_engine_latency=measured_profile["copy_engine_latency"],
+            copy_engine_local_bandwidth=measured_profile["copy_engine_local_bandwidth"])
+        ratios = {}
+        for mode, sizes, exchange in (("hcms-2-nccl", (20, 20), "nccl"), ("hcms-2-ce", (20, 20), "copy-engine"),
+                                      ("hcms-1-ce", (40,), "copy-engine")):
+            got = predict(cost, profile, sizes, fused=True, exchange=exchange)
+            ratios[mode] = (got.time_s + got.gain_s) / got.time_s
+        for mode in ("hcms-2-ce", "hcms-1-ce"):
+            measured = rows[seq, mode]["speedup"]
+            assert ratios[mode] == pytest.approx(measured, rel=0.05), (seq, mode, ratios[mode], measured)
+            assert ratios[mode] < ratios["hcms-2-nccl"] and measured < rows[seq, "hcms-2-nccl"]["speedup"]
+            checked += 1
+    assert checked == 4

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.distributed._functional_collectives as funcol
 from hcms_compile.passes import chunk_sizes
-from hcms_compile.passes.ops import is_all_to_all
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -25,7 +24,7 @@ from hcms_compile.testing import assert_equivalent, ranks
 from hcms_compile.testing.layouts import attn_fused_qkv
 from hcms_compile.testing.strategies import UlyssesCase, chunk_specs, ulysses_cases
 from hcms_compile.testing.tracing import trace
-from tests.helpers import count_all_to_alls, examples
+from tests.helpers import count_all_to_alls, examples, is_exchange_node
 from tests.test_inductor_order import _attention_between_issue_and_wait, _events, compile_and_get_code
 
 _backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -33,7 +32,7 @@ _backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backwa
 
 def _output_exchanges_per_chunk(gm: torch.fx.GraphModule) -> Counter:
     return Counter(n.meta["hcms"]["chunk"] for n in gm.graph.nodes
-                   if is_all_to_all(n) and n.meta.get("hcms", {}).get("role") == "output_all_to_all")
+                   if is_exchange_node(n) and n.meta.get("hcms", {}).get("role") == "output_all_to_all")
 
 
 def _cpu_backward_is_bitwise(batch: int, sizes: tuple[int, ...]) -> bool:
