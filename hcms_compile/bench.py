@@ -13,7 +13,9 @@ Each mode is one row:
 - `attention-only`: SDPA alone on the local shape (H/P heads, full S), forward and backward timed apart;
 - `eager`: the Ulysses module, not compiled;
 - `compiled`: `torch.compile` with the inner compiler (Inductor) and no HCMS, the baseline;
-- `hcms-C`, `hcms-auto`: `torch.compile` with `make_backend(chunks=C)` or `chunks="auto"`;
+- `hcms-C`, `hcms-auto`: `torch.compile` with `make_backend(chunks=C)` or `chunks="auto"` (the exchange
+  kind chosen by "auto"); `hcms-C-nccl`, `hcms-C-ce`: the same over the group's all-to-all or the
+  copy-engine exchange (`exchange="nccl"` or `"copy-engine"`);
 - `ring`: PyTorch's ring attention (`context_parallel` over a DeviceMesh), eager, where its CUDA
   kernels exist.
 
@@ -70,7 +72,8 @@ GPU_SEQS = (8192, 16384, 32768, 56000, 75600, 131072)
 CPU_SEQS = (256, 512, 1024)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASES = ("forward", "backward")
-_HCMS_MODE = re.compile(r"hcms-([1-9]\d*|auto)")
+_HCMS_MODE = re.compile(r"hcms-([1-9]\d*|auto)(?:-(nccl|ce))?")
+_EXCHANGES = {None: "auto", "nccl": "nccl", "ce": "copy-engine"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,12 +389,16 @@ def _hcms_chunks(mode: str) -> int | str:
     return chunks if chunks == "auto" else int(chunks)
 
 
+def _hcms_exchange(mode: str) -> str:
+    return _EXCHANGES[_HCMS_MODE.fullmatch(mode).group(2)]
+
+
 def _static_skip(ctx: _Ctx, seq: int, mode: str) -> tuple[str, str] | None:
     """Why a row cannot run, decided from the configuration alone (so every rank decides alike)."""
     if seq % ctx.world:
         return "skipped", f"sequence length {seq} is not divisible by world size {ctx.world}"
     local_heads = ctx.cfg.heads // ctx.world
-    if mode.startswith("hcms-") and mode != "hcms-auto" and _hcms_chunks(mode) > local_heads:
+    if mode.startswith("hcms-") and _hcms_chunks(mode) != "auto" and _hcms_chunks(mode) > local_heads:
         return "skipped", f"{_hcms_chunks(mode)} chunks > {local_heads} local heads"
     if mode == "ring" and ctx.ring_unavailable:
         return "n/a", ctx.ring_unavailable
@@ -433,7 +440,7 @@ def _prepare_compiled(ctx: _Ctx, target: str, seq: int, mode: str) -> _Prepared:
     if mode != "eager":
         torch._dynamo.reset()  # each mode compiles afresh: no cache entries shared across backends
         if mode != "compiled":
-            backend = make_backend(chunks=_hcms_chunks(mode), inner=ctx.cfg.inner)
+            backend = make_backend(chunks=_hcms_chunks(mode), inner=ctx.cfg.inner, exchange=_hcms_exchange(mode))
         module = torch.compile(module, backend=backend or ctx.cfg.inner, fullgraph=True)
     shapes = _local_shapes(ctx, target, seq)
     inputs = [ctx.randn(shape, ctx.cfg.backward) for shape in shapes]
@@ -754,7 +761,8 @@ def _run_torchrun(cfg: BenchConfig) -> None:
 def _mode(text: str) -> str:
     if _known_mode(text):
         return text
-    raise argparse.ArgumentTypeError(f"unknown mode {text!r}: one of {', '.join(MODES)}, or hcms-<chunks>")
+    raise argparse.ArgumentTypeError(f"unknown mode {text!r}: one of {', '.join(MODES)}, or hcms-<chunks>, "
+                                     "hcms-<chunks>-nccl, hcms-<chunks>-ce")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

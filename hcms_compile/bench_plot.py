@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COMM_WORDS = ("nccl", "gloo", "all_to_all", "alltoall", "sendrecv")
+# a device-to-device or peer-to-peer memcpy is the copy-engine exchange's (hcms_compile/copy_engine.py):
+# the compiled layer's own layout copies are kernels, never memcpys
+COMM_WORDS = ("nccl", "gloo", "all_to_all", "alltoall", "sendrecv", "memcpy dtod", "memcpy ptop")
 ATTENTION_WORDS = ("flash", "cudnn", "efficient", "sdpa", "attention", "fmha")
 COLOURS = {"comm": "#d62728", "attention": "#1f77b4", "other": "#bdbdbd"}
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")

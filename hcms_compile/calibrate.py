@@ -24,8 +24,15 @@ Steps of `calibrate(group, sizes, repeats, device)`, run on every rank of an ini
    beside the attention, and persistent_attention is False. The model error is a fixed 5%: the
    model was checked against the recorded H200 benches (tests/test_cost_model.py) within 5% at 16K
    and longer, not derived from these timings.
-5. `agree` on the result.
-6. `resolve_profile` (at compile time, not here) sets launch_order_dispatch from
+5. Copy-engine exchange (`_time_copy_engine`, where `copy_engine.support` allows it): time
+   `torch.ops.hcms.all_to_all` at each buffer size and a contiguous device copy (its local copies)
+   in GPU time (`_gpu_medians`: the host's ~0.4 ms of Python per call is queued behind a spin and
+   not counted, as a compiled graph's host runs ahead); take the local copies off and fit latency +
+   crossing / bandwidth to the rest.
+   At world size 1 the block goes through the buffer (two local copies) and nothing crosses, so
+   the bandwidth is the built-in estimate's. Elsewhere (CPU, gloo) the figures stay 0: unknown.
+6. `agree` on the result.
+7. `resolve_profile` (at compile time, not here) sets launch_order_dispatch from
    CUDA_DEVICE_MAX_CONNECTIONS (`profiles.with_dispatch_from_environment`).
 
 `main_calibrate(args)` runs those steps under torchrun (RANK and WORLD_SIZE set; NCCL on CUDA) or
@@ -187,7 +194,10 @@ def render_profile(profile: DeviceProfile) -> str:
         ("copy bandwidth", f"{profile.copy_bandwidth / 1e9:.3g} GB/s read+write"),
         ("contention", f"{profile.contention:.2f}"),
         ("persistent attention", str(profile.persistent_attention)),
-        ("copy-engine exchange", str(profile.copy_engine_exchange)),
+        ("all-to-all on copy engines", str(profile.copy_engine_exchange)),
+        ("copy-engine exchange", "unknown" if not profile.copy_engine_bandwidth else
+         f"{profile.copy_engine_bandwidth / 1e9:.3g} GB/s crossing, {profile.copy_engine_latency * 1e6:.3g} us, "
+         f"local copies {profile.copy_engine_local_bandwidth / 1e9:.3g} GB/s read+write"),
         ("launch-order dispatch", str(profile.launch_order_dispatch)),
         ("model error", f"{profile.model_error:.1%}"),
         ("world size", str(profile.world_size)),
@@ -225,6 +235,33 @@ def _medians(runs: Sequence[Callable[[], object]], repeats: int, device: torch.d
     return [statistics.median(samples) for samples in times]
 
 
+_SPIN_CYCLES = 4_000_000  # about 2 ms of GPU clock: longer than the host needs to queue one exchange
+
+
+def _gpu_medians(runs: Sequence[Callable[[], object]], repeats: int, device: torch.device,
+                 group: dist.ProcessGroup | None = None) -> list[float]:
+    """Median GPU seconds of each run, timed with CUDA events behind a spin kernel: the host queues the
+    run while the GPU spins, so the host's own time per call (Python, driver calls) is not counted, as
+    in a compiled graph whose host runs ahead of the GPU."""
+    for _ in range(_WARMUP):
+        for run in runs:
+            run()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, samples in zip(runs, times, strict=True):
+            if group is not None:
+                dist.barrier(group=group)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(_SPIN_CYCLES)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+    return [statistics.median(samples) for samples in times]
+
+
 def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """(intercept, slope) of the least-squares line; through the origin when either comes out non-positive."""
     n = len(xs)
@@ -257,6 +294,31 @@ def _time_all_to_all(group: dist.ProcessGroup, sizes: Sequence[int], repeats: in
         return _fit_line([n * 4 for n in numels], times)[0], None
     latency, slope = _fit_line([n * 4 * (world - 1) / world for n in numels], times)
     return latency, 1 / slope
+
+
+def _time_copy_engine(group: dist.ProcessGroup, device: torch.device, sizes: Sequence[int],
+                      repeats: int) -> tuple[float, float | None, float] | None:
+    """(latency, crossing bandwidth or None at world size 1, local read+write bandwidth) of the
+    copy-engine exchange, or None where it cannot run on `group`."""
+    from . import copy_engine
+
+    if device.type != "cuda" or copy_engine.support(group.group_name, device) is not None:
+        return None
+    world = dist.get_world_size(group)
+    numels = [max(world, size // 4 // world * world) for size in sizes]
+    inputs = [torch.ones(n, device=device) for n in numels]
+    wait = torch.ops._c10d_functional.wait_tensor
+    runs = [lambda x=x: wait(torch.ops.hcms.all_to_all(x, group.group_name)) for x in inputs]
+    times = _gpu_medians(runs, repeats, device, group)
+    source, target = torch.ones(max(numels), device=device), torch.empty(max(numels), device=device)
+    (copy_s,) = _gpu_medians([lambda: target.copy_(source)], repeats, device)
+    local_bandwidth = 2 * source.numel() * 4 / copy_s
+    copies = 2 if world == 1 else 1  # the staged blocks and the own block; at world size 1, both of the one block
+    rest = [t - 2 * copies * n * 4 / local_bandwidth for t, n in zip(times, numels, strict=True)]
+    if world == 1:
+        return max(0.0, _fit_line([n * 4 for n in numels], times)[0]), None, local_bandwidth
+    latency, slope = _fit_line([n * 4 * (world - 1) / world for n in numels], rest)
+    return latency, 1 / slope, local_bandwidth
 
 
 def _time_attention(device: torch.device, kind: str, tokens: int, repeats: int) -> tuple[float, float, str]:
@@ -407,6 +469,15 @@ def calibrate(group: dist.ProcessGroup | None = None, sizes: Sequence[int] | Non
     overlap_bytes = sorted(sizes)[len(sizes) // 2]
     contention, persistent, overlap_what = _time_overlap(group, device, kind, tokens, overlap_bytes, repeats)
 
+    copy_engine = _time_copy_engine(group, device, sizes, repeats)
+    if copy_engine is None:
+        copy_engine_what, copy_engine = "no copy-engine exchange on this group", (0.0, 0.0, 0.0)
+    elif copy_engine[1] is None:
+        copy_engine_what = ("copy-engine exchange latency and local copies measured; at world size 1 nothing crosses, "
+                            f"so its bandwidth is {builtin.name}'s estimate")
+        copy_engine = (copy_engine[0], builtin.copy_engine_bandwidth, copy_engine[2])
+    else:
+        copy_engine_what = "copy-engine exchange fitted over the same buffers"
     if a2a_bandwidth is None:
         a2a_bandwidth = builtin.a2a_bandwidth
         exchange_what = f"all-to-all latency from buffers of {list(sizes)} bytes; at world size 1 nothing " \
@@ -419,9 +490,11 @@ def calibrate(group: dist.ProcessGroup | None = None, sizes: Sequence[int] | Non
         contention=contention, model_error=MODEL_ERROR, estimate=False,
         world_size=world, persistent_attention=persistent,
         copy_engine_exchange=False,  # NCCL's and gloo's all-to-alls: SM kernels or CPU threads
+        copy_engine_latency=copy_engine[0], copy_engine_bandwidth=copy_engine[1],
+        copy_engine_local_bandwidth=copy_engine[2],
         source=(f"measured by hcms calibrate on {world} rank(s) over {dist.get_backend(group)}, torch "
                 f"{torch.__version__}, median of {repeats}: {exchange_what}; {attention_what}; a permuted copy; "
-                f"{overlap_what}; slowest rank's figures"),
+                f"{overlap_what}; {copy_engine_what}; slowest rank's figures"),
     )
     return agree(profile, group)
 
@@ -434,12 +507,14 @@ def agree(profile: DeviceProfile, group: dist.ProcessGroup | None = None) -> Dev
     group = group if group is not None else dist.group.WORLD
     device = _group_device(group)
     # one MAX reduction: rates enter negated, so their max is minus the smallest rate
+    # (a copy-engine rate of 0, unknown on some rank, stays 0 for all)
     values = torch.tensor([profile.a2a_latency, profile.attention_latency, profile.contention, profile.model_error,
-                           float(profile.estimate), -profile.a2a_bandwidth, -profile.attention_flops,
-                           -profile.copy_bandwidth], dtype=torch.float64, device=device)
+                           float(profile.estimate), profile.copy_engine_latency, -profile.a2a_bandwidth,
+                           -profile.attention_flops, -profile.copy_bandwidth, -profile.copy_engine_bandwidth,
+                           -profile.copy_engine_local_bandwidth], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
-    a2a_latency, attention_latency, contention, model_error, estimate, *rates = values.tolist()
-    a2a_bandwidth, attention_flops, copy_bandwidth = (-rate for rate in rates)
+    a2a_latency, attention_latency, contention, model_error, estimate, ce_latency, *rates = values.tolist()
+    a2a_bandwidth, attention_flops, copy_bandwidth, ce_bandwidth, ce_local = (-rate for rate in rates)
     # the remaining fields (scheduling facts, per-call costs) are rank 0's: facts of the kind of device
     labels: list[object] = [profile]
     dist.broadcast_object_list(labels, group=group, group_src=0, device=device)
@@ -447,7 +522,8 @@ def agree(profile: DeviceProfile, group: dist.ProcessGroup | None = None) -> Dev
     return dataclasses.replace(first, a2a_bandwidth=a2a_bandwidth, a2a_latency=a2a_latency,
                                attention_flops=attention_flops, attention_latency=attention_latency,
                                copy_bandwidth=copy_bandwidth, contention=contention, model_error=model_error,
-                               estimate=bool(estimate))
+                               estimate=bool(estimate), copy_engine_latency=ce_latency,
+                               copy_engine_bandwidth=ce_bandwidth, copy_engine_local_bandwidth=ce_local)
 
 
 # -- the command -------------------------------------------------------------------------------------

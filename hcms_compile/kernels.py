@@ -6,12 +6,13 @@ names a kernel after the graph nodes it came from, so the layout copy feeding an
 `triton_poi_fused_all_to_all_single_clone_0` (a copy, not a collective). Then the classes, checked in
 this order (the first that fits wins, so a name is counted once):
 
-- `collective`: NCCL kernels (`ncclDevKernel_SendRecv`, ...) and, on the CPU, the c10d / functional
-  collective operators (`_c10d_functional::all_to_all_single`, `c10d::alltoall_base_`, gloo's);
+- `collective`: NCCL kernels (`ncclDevKernel_SendRecv`, ...), the copy-engine exchange's device-to-device
+  and peer-to-peer memcpys, and, on the CPU, the c10d / functional collective operators
+  (`_c10d_functional::all_to_all_single`, `c10d::alltoall_base_`, gloo's);
 - `attention`: cuDNN, flash, memory-efficient and CPU SDPA kernels and operators;
 - `concat`: `torch.cat`: `aten::cat`, ATen's `CatArrayBatchedCopy` kernel, and Inductor kernels whose
   fused name holds the op `cat` (`triton_poi_fused_cat_1`, `cpp_fused_cat_clone_2`);
-- `copy`: memcpy, ATen copy / clone kernels and operators, and Inductor's pointwise kernels
+- `copy`: other memcpys (host and device), ATen copy / clone kernels and operators, and Inductor's pointwise kernels
   (`triton_poi_fused_clone_0`): in this layer a pointwise kernel only moves data between layouts;
 - `other`: the rest (fills, reductions, allocations, ...).
 """
