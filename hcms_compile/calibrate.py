@@ -516,14 +516,25 @@ def agree(profile: DeviceProfile, group: dist.ProcessGroup | None = None) -> Dev
     a2a_latency, attention_latency, contention, model_error, estimate, ce_latency, *rates = values.tolist()
     a2a_bandwidth, attention_flops, copy_bandwidth, ce_bandwidth, ce_local = (-rate for rate in rates)
     # the remaining fields (scheduling facts, per-call costs) are rank 0's: facts of the kind of device
-    labels: list[object] = [profile]
-    dist.broadcast_object_list(labels, group=group, group_src=0, device=device)
-    first = labels[0]
+    first = _broadcast_profile(profile, group, device)
     return dataclasses.replace(first, a2a_bandwidth=a2a_bandwidth, a2a_latency=a2a_latency,
                                attention_flops=attention_flops, attention_latency=attention_latency,
                                copy_bandwidth=copy_bandwidth, contention=contention, model_error=model_error,
                                estimate=bool(estimate), copy_engine_latency=ce_latency,
                                copy_engine_bandwidth=ce_bandwidth, copy_engine_local_bandwidth=ce_local)
+
+
+def _broadcast_profile(profile: DeviceProfile, group: dist.ProcessGroup, device: torch.device) -> DeviceProfile:
+    """Rank 0's profile on every rank, sent as its JSON bytes (`broadcast_object_list` would need numpy,
+    which hcms_compile does not depend on)."""
+    data = json.dumps(profile.to_json(), sort_keys=True).encode() if dist.get_rank(group) == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, group=group, group_src=0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if data:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, group=group, group_src=0)
+    return DeviceProfile.from_json(json.loads(bytes(buffer.cpu().tolist())))
 
 
 # -- the command -------------------------------------------------------------------------------------
