@@ -86,7 +86,28 @@ def rewrite(gm: torch.fx.GraphModule, *, chunks: ChunkSpec = AUTO, exact: bool |
     reports = _rewrite_graph(out.graph, spec, policy, profile, no_metadata, fuse, exchange)
     if any(r.rewritten for r in reports):
         out.recompile()
-    return RewriteResult(out, reports)
+    return RewriteResult(out, reports, no_site_reason(out.graph))
+
+
+_DECOMPOSED = {"bmm", "baddbmm", "matmul", "mm"}  # what SDPA's math backend, or attention by hand, multiplies with
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax"}
+
+
+def no_site_reason(graph: torch.fx.Graph) -> str:
+    """Why a graph that exchanges tensors by all-to-all has no attention op to report (there is then no
+    site, so no site's reason says it); empty when the graph has an attention op or no all-to-all."""
+    exchanges = [n for n in graph.nodes if is_all_to_all(n)]
+    if not exchanges or any(attention_op(n) is not None for n in graph.nodes):
+        return ""
+    names = {target_name(n) for n in graph.nodes if n.op in ("call_function", "call_method")}
+    if names & _DECOMPOSED and names & _SOFTMAX:
+        return (f"the graph has {len(exchanges)} all-to-all(s) but no attention op: attention is computed by "
+                f"matrix products and softmax ({', '.join(sorted(names & (_DECOMPOSED | _SOFTMAX)))}), as SDPA's "
+                "math backend decomposes it when the graph is traced under sdpa_kernel(SDPBackend.MATH) (or when "
+                "attention is written out by hand); HCMS chunks SDPA and its fused ATen kernels only: leave "
+                "SDPA's backend choice to torch, or call F.scaled_dot_product_attention")
+    return (f"the graph has {len(exchanges)} all-to-all(s) but no attention op HCMS knows (SDPA or its fused ATen "
+            "kernels), so there is nothing to chunk")
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

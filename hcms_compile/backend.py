@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.fx
 
 from . import passes as passes_pkg
-from .api import ProfileSpec, rewrite_graph
+from .api import ProfileSpec, no_site_reason, rewrite_graph
 from .calibrate import agree, resolve_profile
 from .passes import ChunkSpec, symbolic, validate_chunks
 from .passes.exactness import BITWISE, exactness_policy
@@ -150,24 +150,25 @@ class GraphReport:
     graph_module: torch.fx.GraphModule | None = None  # the rewritten graph (aot_eager only)
     cached: bool = False  # the compiled code came from a cache: the report is the one recorded when it was compiled
     missing: str = ""  # on a cache hit whose report was not recorded: why the plan cannot be shown
+    note: str = ""  # why a graph with all-to-alls has no candidate site (`api.no_site_reason`); else empty
 
     def table(self) -> str:
         if self.missing:
             return f"{self.phase} graph: {self.missing}"
         note = " (compiled code came from a cache; the plan shown was recorded when it was compiled)" \
             if self.cached else ""
-        return f"{self.phase} graph{note}\n{render_sites(self.sites)}"
+        return f"{self.phase} graph{note}\n{render_sites(self.sites, self.note)}"
 
     def __str__(self) -> str:
         return self.table()
 
     def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "sites": [dataclasses.asdict(site) for site in self.sites]}
+        return {"phase": self.phase, "sites": [dataclasses.asdict(site) for site in self.sites], "note": self.note}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], cached: bool = True) -> GraphReport:
         sites = [SiteReport(**{**site, "chunk_sizes": tuple(site["chunk_sizes"])}) for site in data["sites"]]
-        return cls(data["phase"], sites, cached=cached)
+        return cls(data["phase"], sites, cached=cached, note=data.get("note", ""))
 
 
 def _phase(graph: torch.fx.Graph, default: str) -> str:
@@ -194,7 +195,7 @@ class HcmsGraphPass:
         sites = self.options.rewrite(graph)
         if any(site.rewritten for site in sites):
             pin_pipeline(graph)
-        self.sink.append(GraphReport(phase, sites))
+        self.sink.append(GraphReport(phase, sites, note=no_site_reason(graph)))
 
     def uuid(self) -> bytes:
         """Changes with the options and with the code of the pass, so cached graphs stay correct."""
@@ -395,10 +396,12 @@ class HcmsBackend:
         def compiler(phase: str) -> Callable[..., Any]:
             def compile_graph(graph_module: torch.fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
                 sites: list[SiteReport] = []
+                note = ""
                 if options.enabled:
                     sites = options.rewrite(graph_module.graph)
+                    note = no_site_reason(graph_module.graph)
                     graph_module.recompile()
-                self.reports.append(GraphReport(phase, sites, graph_module))
+                self.reports.append(GraphReport(phase, sites, graph_module, note=note))
                 return make_boxed_func(graph_module.forward)
 
             return compile_graph

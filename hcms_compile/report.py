@@ -44,22 +44,23 @@ class SiteReport:
 class RewriteResult:
     graph_module: torch.fx.GraphModule
     sites: list[SiteReport] = field(default_factory=list)
+    note: str = ""  # why a graph with all-to-alls has no candidate site (`api.no_site_reason`); else empty
 
     @property
     def rewritten(self) -> list[SiteReport]:
         return [s for s in self.sites if s.rewritten]
 
     def table(self) -> str:
-        return render_sites(self.sites)
+        return render_sites(self.sites, self.note)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def render_sites(sites: list[SiteReport]) -> str:
-    """The site reports as a table (or a line saying there was no site)."""
+def render_sites(sites: list[SiteReport], note: str = "") -> str:
+    """The site reports as a table (or a line saying there was no site, and why when `note` says)."""
     if not sites:
-        return "no all-to-all -> attention -> all-to-all site found: graph unchanged"
+        return "no all-to-all -> attention -> all-to-all site found: graph unchanged" + (f" ({note})" if note else "")
     rows = [
         (s.index, s.attention, s.kernel, s.status, s.world_size or "-", s.local_heads or "-",
          "+".join(map(str, s.chunk_sizes)) or "-", s.exchanges or "-", s.collectives or "-", s.exchange or "-",

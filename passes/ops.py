@@ -4,7 +4,8 @@ Terms
 - dialect: "aten" for graphs of OpOverloads (make_fx, torch.export, AOTAutograd) and "torch" for
   Dynamo graphs (torch functions, `call_method` nodes, OpOverloadPackets).
 - layout op: a node that only moves elements of one tensor (see `layout.py`); `LayoutOp` names its
-  kind and the arguments the dimension algebra needs.
+  kind and the arguments the dimension algebra needs. A conversion (`to`, `_to_copy`) that keeps the
+  dtype, device and layout is an identity; one that converts computes.
 - attention op: SDPA in any of its forms; `AttentionOp` says where q, k, v and the options sit.
 - exchange op: the functional all-to-all; a wait is the node that completes it.
 - join: a stack or cat whose inputs are all the pieces of one split, chunk or unbind of a single
@@ -90,6 +91,9 @@ def _ints(values: Sequence[Any]) -> tuple[int, ...]:
 
 _REGROUP = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as"}
 _IDENTITY = {"contiguous", "clone", "detach", "alias", "lift_fresh_copy"}
+# `x.to(...)` and its ATen copy: the same values when they change neither dtype, device nor layout
+# (yunchang's one-step ring merge casts its fp32 output to fp32 twice; `to` then returns `x` itself)
+_CONVERSIONS = {"to", "_to_copy"}
 _CALLABLE_OPS: dict[Any, str] = {
     torch.reshape: "reshape",
     torch.flatten: "flatten",
@@ -120,6 +124,19 @@ def _tensor_input(node: Node) -> Node | None:
 def _dtype(node: Node) -> Any:
     val = node.meta.get("val", node.meta.get("example_value"))
     return getattr(val, "dtype", None)
+
+
+def _same_kind(node: Node, source: Node) -> bool:
+    """Whether conversion `node` provably keeps every value of `source`: both recorded as tensors of one
+    dtype, device and layout (a conversion never reshapes), and no memory format other than preserve or
+    contiguous asked for (a channels-last copy changes strides, which the layout algebra does not follow)."""
+    have, want = (n.meta.get("val", n.meta.get("example_value")) for n in (node, source))
+    if not isinstance(have, torch.Tensor) or not isinstance(want, torch.Tensor):
+        return False
+    if (have.dtype, have.device, have.layout) != (want.dtype, want.device, want.layout):
+        return False
+    fmt = node.kwargs.get("memory_format")
+    return fmt in (None, torch.preserve_format, torch.contiguous_format)
 
 
 def layout_op(node: Node) -> LayoutOp | None:
@@ -153,6 +170,8 @@ def _layout_op(node: Node) -> LayoutOp | None:
             if fmt not in (torch.contiguous_format, torch.preserve_format):
                 return None
             return LayoutOp(IDENTITY, source)
+        if name in _CONVERSIONS:
+            return LayoutOp(IDENTITY, source) if _same_kind(node, source) else None
         if name == "permute":
             return LayoutOp(PERMUTE, source, _ints(rest or [node.kwargs["dims"]]))
         if name in ("transpose", "swapaxes", "swapdims"):

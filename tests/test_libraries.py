@@ -17,6 +17,7 @@ the pass's own skip reason, so the test starts failing (and the mark must go) th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -345,6 +346,31 @@ def test_yunchang_ulysses_dynamo_graph_is_rewritten_and_bitwise():
     _assert_is_attention(outputs, full, _bshd_to_bhsd, is_causal=True)
 
 
+def _yunchang_long_context() -> Callable[..., torch.Tensor]:
+    """LongContextAttention at ulysses degree WORLD, ring degree 1, with yunchang's TORCH_MATH attention
+    (the one torch type whose forward runs on CPU: see `_YunchangSdpa`)."""
+    pytest.importorskip("yunchang")
+    from yunchang import LongContextAttention
+    from yunchang.globals import PROCESS_GROUP
+    from yunchang.kernels import AttnType
+
+    # what set_seq_parallel_pg(WORLD, 1, ...) sets, on groups of the in-process world
+    PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = ranks.group(WORLD), ranks.group(1)
+    module = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH_MATH)
+    return lambda q, k, v: module(q, k, v, causal=True)
+
+
+def test_yunchang_long_context_dynamo_graph_is_rewritten_and_bitwise():
+    # the Dynamo graph still holds F.sdpa (AOTAutograd decomposes it under yunchang's sdpa_kernel(MATH):
+    # see test_sequence_parallel_libraries_over_gloo); the one-step ring merge's fp32 -> fp32 casts on
+    # the output path are identities
+    full = _full((B, S, H, D), seed=15)
+    report, outputs = _dynamo_graph(_yunchang_long_context(), _sharded(full, seq_dim=1))
+    assert len(report.sites) == 1
+    _assert_rewritten(report)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd, is_causal=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # para-attn: para_attn.para_attn_interface.ulysses_attn_func, and UlyssesAttnMode around F.sdpa
 # ---------------------------------------------------------------------------------------------
@@ -460,3 +486,134 @@ def test_rewritten_libraries_are_bitwise_with_inductor_over_gloo(tmp_path):
         para_attn = results["para_attn", "hcms"][2]
         # cold or served by a cache, both graphs are reported
         assert [r.phase for r in para_attn] == ["forward", "backward"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sequence-parallel libraries on gloo processes, with inner="aot_eager" and inner="inductor"
+# ---------------------------------------------------------------------------------------------
+#
+# Each case is the library's own Ulysses code on the gloo world, compiled as its users compile it
+# (torch.compile(fullgraph=True) with make_backend(chunks=2, inner=...)), once through HCMS and once
+# under HCMS_DISABLE; one spawn runs every case of one inner compiler. A case that trains runs a
+# backward on seeded random cotangents. The test asserts, on every rank, torch.equal outputs and
+# gradients, that the library computes attention, and the exact number of sites rewritten in each
+# graph (a graph with all-to-alls but no attention op must say why).
+
+
+class _YunchangSdpa:
+    """yunchang's attention-kernel signature ([B, S, H, D]) on torch SDPA. On CPU ranks yunchang's own
+    torch types cannot run a training step: UlyssesAttention's fwd-bwd kernel for every TORCH_* type is
+    ring_pytorch_attn_func, whose forward calls aten._scaled_dot_product_flash_attention (CUDA only)
+    and whose backward raises "Not implemented backward for PyTorch attention types"."""
+
+    def __call__(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+        return _sdpa_bshd(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal)
+
+
+# name: (global shape, sequence dim, train)
+_GLOO_CASES: dict[str, tuple[tuple[int, ...], int, bool]] = {
+    "yunchang_ulysses": ((B, S, H, D), 1, True),
+    "yunchang_long_context": ((B, S, H, D), 1, False),
+    "deepspeed_batch_first": ((B, S, H, D), 1, True),
+    "deepspeed_sequence_first": ((S, B, H, D), 0, True),
+    "para_attn_func": ((B, H, S, D), 2, True),
+    "para_attn_mode": ((B, H, S, D), 2, True),
+}
+
+
+def _gloo_attention(rank: int) -> dict[str, tuple[Callable[..., torch.Tensor], Callable[[], Any]]]:
+    """Each case's attention on the gloo world of this process, and the context it is called in."""
+    import deepspeed.comm
+    import torch.distributed as dist
+    from deepspeed.sequence.layer import DistributedAttention
+    from para_attn.para_attn_interface import UlyssesAttnMode
+    from yunchang import LongContextAttention, UlyssesAttention, set_seq_parallel_pg
+    from yunchang.kernels import AttnType
+
+    world = dist.group.WORLD
+    ulysses = UlyssesAttention(world, attn_type=AttnType.TORCH_FLASH)
+    ulysses.attn_fn = _YunchangSdpa()
+    # ulysses degree 2, ring degree 1: yunchang's globals hold the groups LongContextAttention reads.
+    # TORCH_MATH is the one torch type whose forward runs on CPU ("basic" ring, step 0 only); its
+    # backward raises in yunchang (pytorch_attn_backward), so this case is inference only
+    set_seq_parallel_pg(WORLD, 1, rank, WORLD)
+    long_context = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH_MATH)
+    # deepspeed.comm wraps the gloo world (its first init JIT-builds a CPU op, cached afterwards)
+    deepspeed.comm.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed = {bd: DistributedAttention(_LocalSdpa(bd), world, scatter_idx=2, gather_idx=1 - bd) for bd in (0, 1)}
+
+    plain = contextlib.nullcontext
+    return {
+        "yunchang_ulysses": (lambda q, k, v: ulysses(q, k, v, causal=True), plain),
+        "yunchang_long_context": (lambda q, k, v: long_context(q, k, v, causal=True), plain),
+        "deepspeed_batch_first": (lambda q, k, v: deepspeed[0](q, k, v, 0), plain),
+        "deepspeed_sequence_first": (lambda q, k, v: deepspeed[1](q, k, v, 1), plain),
+        "para_attn_func": (_para_attn_ulysses(world), plain),
+        # para-attn's usual entry: the mode, entered around the compiled call (its __init__ is
+        # torch.compiler.disable'd), turns the model's plain SDPA into its Ulysses attention
+        "para_attn_mode": (functools.partial(F.scaled_dot_product_attention, is_causal=True),
+                           functools.partial(UlyssesAttnMode, world)),
+    }
+
+
+_TRAINED = [("forward", 1), ("backward", 1)]
+# (case, inner): rewritten sites per graph, in compile order, as (phase, count)
+_GLOO_SITES: dict[tuple[str, str], list[tuple[str, int]]] = {
+    **{(case, inner): _TRAINED for case, (_, _, train) in _GLOO_CASES.items() if train
+       for inner in ("aot_eager", "inductor")},
+    # yunchang computes attention under sdpa_kernel(SDPBackend.MATH): AOTAutograd then decomposes SDPA
+    # into bmm and softmax, so the aot_eager graph has all-to-alls but no attention op (its report says
+    # so); Inductor's attention pattern pass turns that math back into its CPU flash kernel, a site
+    ("yunchang_long_context", "aot_eager"): [("inference", 0)],
+    ("yunchang_long_context", "inductor"): [("inference", 1)],
+}
+_GLOO_TO_BHSD = {1: _bshd_to_bhsd, 0: _sbhd_to_bhsd, 2: lambda t: t}  # by sequence dim
+
+
+def _gloo_worker(rank: int, out_dir: str, inner: str) -> None:
+    results = {}
+    for case, (attention, context) in _gloo_attention(rank).items():
+        shape, seq_dim, train = _GLOO_CASES[case]
+        local = [t.chunk(WORLD, dim=seq_dim)[rank].contiguous() for t in _full(shape, seed=21)]
+        for name in ("plain", "hcms"):
+            backend = hcms_compile.make_backend(chunks=2, inner=inner)
+            torch._dynamo.reset()
+            inputs = [t.clone().requires_grad_(train) for t in local]
+            with (hcms_disabled() if name == "plain" else contextlib.nullcontext()), torch.set_grad_enabled(train), \
+                    context():
+                out = torch.compile(attention, backend=backend, fullgraph=True)(*inputs)
+                if train:
+                    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(31 + rank))
+                    out.backward(cotangent)
+            reports = [dataclasses.replace(r, graph_module=None) for r in backend.reports]  # picklable
+            results[case, name] = (out.detach(), [t.grad for t in inputs] if train else [], reports)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_sequence_parallel_libraries_over_gloo(tmp_path, inner):
+    for module in ("yunchang", "deepspeed", "para_attn"):
+        pytest.importorskip(module)
+    spawn_gloo(_gloo_worker, WORLD, str(tmp_path), inner)
+    for rank in range(WORLD):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for case, (shape, seq_dim, train) in _GLOO_CASES.items():
+            (plain, plain_grads, _), (hcms, hcms_grads, reports) = results[case, "plain"], results[case, "hcms"]
+            to_bhsd = _GLOO_TO_BHSD[seq_dim]
+            reference = F.scaled_dot_product_attention(*(to_bhsd(t) for t in _full(shape, seed=21)), is_causal=True)
+            torch.testing.assert_close(to_bhsd(plain), reference.chunk(WORLD, dim=2)[rank])  # set up right
+            assert torch.equal(plain, hcms), f"{case}: rank {rank}: output differs with HCMS"
+            assert len(plain_grads) == (3 if train else 0)
+            for i, (want, got) in enumerate(zip(plain_grads, hcms_grads, strict=True)):
+                assert torch.equal(want, got), f"{case}: rank {rank}: gradient of input {i} differs with HCMS"
+            if rank:
+                continue
+            tables = "\n".join(map(str, reports))
+            counts = [(r.phase, sum(s.rewritten for s in r.sites)) for r in reports]
+            assert counts == _GLOO_SITES[case, inner], f"{case}, {inner}:\n{tables}"
+            for report in reports:
+                if report.sites:
+                    _assert_rewritten(report)
+                else:
+                    assert "no attention op: attention is computed by matrix products and softmax" in report.note, \
+                        f"{case}, {inner}:\n{tables}"

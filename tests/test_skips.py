@@ -755,3 +755,43 @@ def test_pieces_shared_by_two_joins_are_followed_as_selects():
     for tracer in ("make_fx", "dynamo"):
         (site,) = _rewritten(fn, tracer=tracer)
         assert site.exchanges == 2  # q and k share one exchange, v has its own
+
+
+@pytest.mark.parametrize("tracer", ["make_fx", "dynamo"])
+def test_a_same_dtype_cast_on_the_output_path_is_an_identity(tracer):
+    # yunchang's one-step ring merge casts its fp32 output to fp32 (`out.to(torch.float32)`) twice
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        out = F.scaled_dot_product_attention(*(_scatter_heads(t, g) for t in (q, k, v)))
+        return _gather_heads(out.to(torch.float32).to(q.dtype), g)
+
+    (site,) = _rewritten(fn, tracer=tracer)
+    assert site.chunk_sizes == (1, 1)
+
+
+@pytest.mark.parametrize("tracer", ["make_fx", "dynamo"])
+def test_a_converting_cast_on_the_output_path_is_not_an_identity(tracer):
+    # fp64 values are not the fp32 ones: the cast computes, so the output path is not layout only
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        out = F.scaled_dot_product_attention(*(_scatter_heads(t, g) for t in (q, k, v)))
+        return _gather_heads(out.to(torch.float64), g)
+
+    _skipped(fn, "no attention output reaches an all-to-all", tracer=tracer)
+
+
+def test_exchanges_around_decomposed_attention_say_there_is_no_attention_op():
+    # SDPA under sdpa_kernel(SDPBackend.MATH) reaches AOTAutograd's graphs as bmm and softmax
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        return _gather_heads(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v, g)
+
+    result = hcms_compile.rewrite(trace(fn, _inputs()), chunks=2)
+    assert result.sites == []
+    assert "the graph has 4 all-to-all(s) but no attention op: attention is computed by matrix products and " \
+           "softmax" in str(result)
+    assert "sdpa_kernel(SDPBackend.MATH)" in result.note
