@@ -120,7 +120,8 @@ def _rank_main(rank: int, payload: bytes, inputs: list[list[list[Any]]], options
             out_h, grads_h = _train_step(fn, mine, backend, seed + rank)
             with hcms_disabled():
                 out_p, grads_p = _train_step(fn, mine, backend, seed + rank)
-            graphs = [GraphReport(r.phase, r.sites, None, r.cached) for r in backend.reports] if rank == 0 else []
+            graphs = [GraphReport(r.phase, r.sites, None, r.cached, split=r.split) for r in backend.reports] \
+                if rank == 0 else []
             torch.save(RankStep((out_p, out_h), (grads_p, grads_h), graphs),
                        os.path.join(out_dir, f"job{j}-rank{rank}.pt"))
 
