@@ -83,7 +83,7 @@ def _qwen() -> tuple[torch.nn.Module, dict[str, Any]]:
 MODELS: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]] = {"wan": _wan, "flux": _flux, "qwen": _qwen}
 
 
-def _parallel(name: str, via: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _parallel(name: str, via: str, warm: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model with seeded weights, made sequence-parallel by diffusers or by cache-dit."""
     torch.manual_seed(0)
     model, inputs = MODELS[name]()
@@ -104,8 +104,9 @@ def _parallel(name: str, via: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     # `inspect.signature` on their first call, which Dynamo cannot trace (`hasattr(f, "__wrapped__")`); a
     # first call under torch.compile breaks the graph inside the hook of the first split module (Wan:
     # blocks.0), which left that block's exchanges and attention in different graphs
-    with torch.no_grad():
-        model(**inputs)
+    if warm:
+        with torch.no_grad():
+            model(**inputs)
     return model, inputs
 
 
@@ -114,6 +115,7 @@ def _parallel(name: str, via: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 # the bridge rejects diffusers' own ContextParallelConfig (rotate_method="allgather")
 CASES: dict[str, tuple[str, str, str, bool]] = {
     "wan": ("wan", "diffusers", "whole", False),
+    "wan_cold": ("wan", "diffusers", "cold", False),  # compiled before the hooks ever ran: a graph break
     "flux": ("flux", "diffusers", "whole", False),
     "qwen": ("qwen", "diffusers", "whole", False),
     "flux_regional": ("flux", "diffusers", "regional", False),
@@ -126,7 +128,7 @@ CASES: dict[str, tuple[str, str, str, bool]] = {
 
 def _run(case: str, inner: str, hcms: bool) -> tuple[torch.Tensor, list[torch.Tensor | None], list[GraphReport]]:
     model_name, via, how, train = CASES[case]
-    model, inputs = _parallel(model_name, via)
+    model, inputs = _parallel(model_name, via, warm=how != "cold")
     backend = hcms_compile.make_backend(chunks=2, inner=inner)
     torch._dynamo.reset()
     with (contextlib.nullcontext() if hcms else hcms_disabled()), torch.set_grad_enabled(train):
@@ -136,7 +138,7 @@ def _run(case: str, inner: str, hcms: bool) -> tuple[torch.Tensor, list[torch.Te
         else:
             # training cannot be one graph: Dynamo breaks inside diffusers' TemplatedUlyssesAttention
             # (its backward calls query.requires_grad_(True), an unsafe side effect in a higher-order op)
-            compiled = torch.compile(model, backend=backend, fullgraph=not train)
+            compiled = torch.compile(model, backend=backend, fullgraph=not train and how != "cold")
         out = compiled(**inputs)[0]
         if train:
             out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
@@ -199,6 +201,21 @@ def test_wan_every_self_attention_is_rewritten_cross_attention_left_alone(compil
     assert [s.rewritten for s in sites] == [True, False] * WAN_LAYERS, _tables(reports)
     for site in sites[1::2]:
         assert "does not come from an all-to-all" in site.reason, site.reason
+
+
+def test_wan_compiled_before_its_hooks_ran_splits_no_site(compiled_models):
+    # the first call's graph break (diffusers' split hook, see `_parallel`) is in the hook of blocks.0,
+    # before any exchange: Dynamo skips the model's frame and compiles the blocks' forwards as frames of
+    # their own, blocks.0's (called through the hook) and blocks.1's apart. No site is split, each block
+    # graph has its self-attention rewritten. (With more blocks, blocks.2 on reuses blocks.1's compiled
+    # graph, Dynamo guarding on the code and not the module: fewer graphs than blocks, every one run.)
+    inner, results = compiled_models
+    reports = _check(results, "wan_cold")
+    assert not any(r.split for r in reports), f"{inner}\n{_tables(reports)}"
+    blocks = [r for r in reports if r.sites]
+    assert len(blocks) == WAN_LAYERS, f"{inner}\n{_tables(reports)}"
+    for report in blocks:
+        assert [s.rewritten for s in report.sites] == [True, False], f"{inner}\n{_tables(reports)}"
 
 
 @pytest.mark.parametrize("case, sites", [("flux", FLUX_LAYERS + FLUX_SINGLE_LAYERS), ("qwen", QWEN_LAYERS)])
