@@ -55,7 +55,7 @@ from .calibrate import agree, resolve_profile
 from .passes import ChunkSpec, symbolic, validate_chunks
 from .passes.exactness import BITWISE, exactness_policy
 from .passes.exchanges import validate_exchange
-from .passes.ops import exchange_args, is_all_to_all
+from .passes.ops import attention_op, exchange_args, is_all_to_all
 from .passes.plan import AUTO, parse_chunks
 from .passes.profiles import DeviceProfile
 from .passes.schedule import pin_pipeline
@@ -151,24 +151,78 @@ class GraphReport:
     cached: bool = False  # the compiled code came from a cache: the report is the one recorded when it was compiled
     missing: str = ""  # on a cache hit whose report was not recorded: why the plan cannot be shown
     note: str = ""  # why a graph with all-to-alls has no candidate site (`api.no_site_reason`); else empty
+    split: str = ""  # a site this graph holds only part of (graph break): which graph held the other part
 
     def table(self) -> str:
         if self.missing:
             return f"{self.phase} graph: {self.missing}"
         note = " (compiled code came from a cache; the plan shown was recorded when it was compiled)" \
             if self.cached else ""
-        return f"{self.phase} graph{note}\n{render_sites(self.sites, self.note)}"
+        if self.split and not self.sites:  # not "no site found": there is half of one
+            return f"{self.phase} graph{note}: {self.split}"
+        split = f"\n{self.split}" if self.split else ""
+        return f"{self.phase} graph{note}\n{render_sites(self.sites, self.note)}{split}"
 
     def __str__(self) -> str:
         return self.table()
 
     def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "sites": [dataclasses.asdict(site) for site in self.sites], "note": self.note}
+        return {"phase": self.phase, "sites": [dataclasses.asdict(site) for site in self.sites], "note": self.note,
+                "split": self.split}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], cached: bool = True) -> GraphReport:
         sites = [SiteReport(**{**site, "chunk_sizes": tuple(site["chunk_sizes"])}) for site in data["sites"]]
-        return cls(data["phase"], sites, cached=cached, note=data.get("note", ""))
+        return cls(data["phase"], sites, cached=cached, note=data.get("note", ""), split=data.get("split", ""))
+
+
+# -- sites split across graphs ---------------------------------------------------------------------
+
+SPLIT_EXCHANGE = "graph break splits a site"
+_GRAPH_INPUT = "is a graph input: the all-to-all is in another graph"
+
+
+def _escaping_exchanges(graph: torch.fx.Graph) -> list[str]:
+    """All-to-alls whose result reaches the graph's output without meeting an attention op, and that no
+    attention op feeds (an output exchange): their attention runs in another graph, after a graph break."""
+
+    def reach(start: torch.fx.Node, step: Callable[[torch.fx.Node], Any]) -> set[torch.fx.Node]:
+        seen, todo = {start}, [start]
+        while todo:
+            for node in step(todo.pop()):
+                if node not in seen:
+                    seen.add(node)
+                    todo.append(node)
+        return seen - {start}
+
+    names = []
+    for a2a in (n for n in graph.nodes if is_all_to_all(n)):
+        after = reach(a2a, lambda n: n.users)
+        before = reach(a2a, lambda n: n.all_input_nodes)
+        if any(n.op == "output" for n in after) and not any(attention_op(n) for n in after | before):
+            names.append(a2a.name)
+    return names
+
+
+def split_note(leaving: Sequence[str], sites: Sequence[SiteReport], earlier: Sequence[GraphReport]) -> str:
+    """What a graph break did to a site, for the report of a graph:
+    - `leaving`, its all-to-alls whose results leave it with no attention op (`_escaping_exchanges`, read
+      before the rewrite): the exchange half of a site;
+    - an attention op whose per-head input is a graph input, after a graph of the same backend that
+      sent exchanged tensors out: the attention half, named with the graph that held the exchange.
+    Graphs are numbered as they come in `HcmsBackend.reports` (0 first). Empty when nothing is split."""
+    index = len(earlier)
+    if leaving:
+        return (f"{SPLIT_EXCHANGE}: graph {index} holds the all-to-all(s) {list(leaving)}, whose results leave it "
+                "as graph outputs without reaching an attention op: the attention they feed is in a later graph. "
+                "Remove the graph break (torch.compile(..., fullgraph=True) names it) so that the site is in one graph")
+    if not any(_GRAPH_INPUT in site.reason for site in sites):
+        return ""
+    held = [i for i, report in enumerate(earlier)
+            if report.split.startswith(f"{SPLIT_EXCHANGE}: graph {i} holds the all-to-all")]
+    where = f"graph {held[-1]}" if held else "an earlier graph"
+    return (f"{SPLIT_EXCHANGE}: graph {index} holds the attention, and {where} held the all-to-all that "
+            "feeds it (a graph break between them); neither half is rewritten")
 
 
 def _phase(graph: torch.fx.Graph, default: str) -> str:
@@ -192,10 +246,12 @@ class HcmsGraphPass:
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         phase = self.phase or _phase(graph, FORWARD)
+        leaving = _escaping_exchanges(graph)  # before the rewrite, which may add all-to-alls
         sites = self.options.rewrite(graph)
         if any(site.rewritten for site in sites):
             pin_pipeline(graph)
-        self.sink.append(GraphReport(phase, sites, note=no_site_reason(graph)))
+        self.sink.append(GraphReport(phase, sites, note=no_site_reason(graph),
+                                     split=split_note(leaving, sites, self.sink)))
 
     def uuid(self) -> bytes:
         """Changes with the options and with the code of the pass, so cached graphs stay correct."""
@@ -396,12 +452,14 @@ class HcmsBackend:
         def compiler(phase: str) -> Callable[..., Any]:
             def compile_graph(graph_module: torch.fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
                 sites: list[SiteReport] = []
-                note = ""
+                note = split = ""
                 if options.enabled:
+                    leaving = _escaping_exchanges(graph_module.graph)  # before the rewrite adds all-to-alls
                     sites = options.rewrite(graph_module.graph)
                     note = no_site_reason(graph_module.graph)
+                    split = split_note(leaving, sites, self.reports)
                     graph_module.recompile()
-                self.reports.append(GraphReport(phase, sites, graph_module, note=note))
+                self.reports.append(GraphReport(phase, sites, graph_module, note=note, split=split))
                 return make_boxed_func(graph_module.forward)
 
             return compile_graph

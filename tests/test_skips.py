@@ -570,6 +570,44 @@ def test_graph_break_between_exchange_and_attention_names_the_break():
     assert result.graph_module.code == gm.code
 
 
+def test_backend_reports_a_site_split_by_a_graph_break_in_both_graphs():
+    # the backend sees each graph alone; its report must say that the exchange graph sends exchanged
+    # tensors out (not "no site found") and which graph held the exchange of the attention graph's site
+    from hcms_compile.backend import SPLIT_EXCHANGE
+
+    g = ranks.group(P)
+
+    def fn(q, k, v):
+        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
+        torch._dynamo.graph_break()
+        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
+
+    backend = hcms_compile.make_backend(chunks=2, inner="aot_eager")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=backend)(*_inputs())
+    exchange, attention = backend.reports
+    assert not exchange.sites
+    assert exchange.split.startswith(f"{SPLIT_EXCHANGE}: graph 0 holds the all-to-all(s) ["), exchange.split
+    assert "no all-to-all -> attention -> all-to-all site found" not in str(exchange)
+    assert SPLIT_EXCHANGE in str(exchange)
+    (site,) = attention.sites
+    assert not site.rewritten and "is a graph input" in site.reason
+    assert attention.split.startswith(f"{SPLIT_EXCHANGE}: graph 1 holds the attention, and graph 0 held the "
+                                      "all-to-all"), attention.split
+    assert attention.split in str(attention)
+
+
+def test_backend_reports_no_split_for_whole_sites():
+    g = ranks.group(P)
+    backend = hcms_compile.make_backend(chunks=2, inner="aot_eager")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(lambda q, k, v: attn_funcol(q, k, v, g), backend=backend, fullgraph=True)(*_inputs())
+    (report,) = backend.reports
+    assert report.sites[0].rewritten and report.split == ""
+
+
 @pytest.mark.parametrize("tracer", ["make_fx", "make_fx_real"])
 def test_make_fx_of_the_in_place_collective_is_rewritten(tracer):
     # make_fx records dist.all_to_all_single(out, x) as the non-functional c10d.alltoall_base_, which
