@@ -24,7 +24,6 @@ time). Outputs of the two modes are compared with `torch.equal` on every rank.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from typing import Any
@@ -34,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 import hcms_compile
-from hcms_compile.spawn import leave_gloo, spawn_gloo, under_torchrun
+from hcms_compile.spawn import join_torchrun, leave_gloo, spawn_gloo, under_torchrun
 
 WAN22_A14B = dict(num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                   freq_dim=256, ffn_dim=13824, patch_size=(1, 2, 2), cross_attn_norm=True,
@@ -158,13 +157,7 @@ def main() -> None:
     if args.tiny:
         args.frames, args.height, args.width = 5, 64, 64
     if under_torchrun():
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            device = torch.device("cpu")
-            dist.init_process_group("gloo")
+        device = join_torchrun()
         run(args, dist.get_rank(), dist.get_world_size(), device)
         dist.destroy_process_group()
     else:

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from . import __version__, bench_plot
 from .backend import HcmsBackend, make_backend
 from .models import UlyssesBlock, UlyssesConfig
-from .spawn import leave_gloo, spawn_gloo, under_torchrun
+from .spawn import join_torchrun, leave_gloo, spawn_gloo, under_torchrun
 from .testing.layouts import attn_funcol
 
 HELP = "time Ulysses attention eager, compiled, HCMS-chunked and as ring attention over sequence lengths"
@@ -738,13 +738,7 @@ def _spawned_rank(rank: int, cfg: BenchConfig) -> None:
 
 
 def _run_torchrun(cfg: BenchConfig) -> None:
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = join_torchrun()
     _bench_and_report(cfg, device)
     if device.type == "cuda":
         dist.barrier()

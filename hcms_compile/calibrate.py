@@ -26,7 +26,7 @@ Steps of `calibrate(group, sizes, repeats, device)`, run on every rank of an ini
    and longer, not derived from these timings.
 5. Copy-engine exchange (`_time_copy_engine`, where `copy_engine.support` allows it): time
    `torch.ops.hcms.all_to_all` at each buffer size and a contiguous device copy (its local copies)
-   in GPU time (`_gpu_medians`: the host's ~0.4 ms of Python per call is queued behind a spin and
+   in GPU time (`_medians(gpu_time=True)`: the host's ~0.4 ms of Python per call is queued behind a spin and
    not counted, as a compiled graph's host runs ahead); take the local copies off and fit latency +
    crossing / bandwidth to the rest.
    At world size 1 the block goes through the buffer (two local copies) and nothing crosses, so
@@ -216,33 +216,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _medians(runs: Sequence[Callable[[], object]], repeats: int, device: torch.device,
-             group: dist.ProcessGroup | None = None) -> list[float]:
-    """Median seconds of each run; the runs take turns, so a passing disturbance hits them all alike."""
-    for _ in range(_WARMUP):
-        for run in runs:
-            run()
-    _sync(device)
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, samples in zip(runs, times, strict=True):
-            if group is not None:
-                dist.barrier(group=group)
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
-
-
 _SPIN_CYCLES = 4_000_000  # about 2 ms of GPU clock: longer than the host needs to queue one exchange
 
 
-def _gpu_medians(runs: Sequence[Callable[[], object]], repeats: int, device: torch.device,
-                 group: dist.ProcessGroup | None = None) -> list[float]:
-    """Median GPU seconds of each run, timed with CUDA events behind a spin kernel: the host queues the
-    run while the GPU spins, so the host's own time per call (Python, driver calls) is not counted, as
-    in a compiled graph whose host runs ahead of the GPU."""
+def _medians(runs: Sequence[Callable[[], object]], repeats: int, device: torch.device,
+             group: dist.ProcessGroup | None = None, gpu_time: bool = False) -> list[float]:
+    """Median seconds of each run; the runs take turns, so a passing disturbance hits them all alike.
+
+    By default a run is timed with the host clock up to a synchronize. With `gpu_time` it is timed with
+    CUDA events behind a spin kernel: the host queues the run while the GPU spins, so the host's own
+    time per call (Python, driver calls) is not counted, as in a compiled graph whose host runs ahead."""
     for _ in range(_WARMUP):
         for run in runs:
             run()
@@ -252,14 +235,25 @@ def _gpu_medians(runs: Sequence[Callable[[], object]], repeats: int, device: tor
         for run, samples in zip(runs, times, strict=True):
             if group is not None:
                 dist.barrier(group=group)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(_SPIN_CYCLES)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
+            samples.append(_gpu_seconds(run) if gpu_time else _host_seconds(run, device))
     return [statistics.median(samples) for samples in times]
+
+
+def _host_seconds(run: Callable[[], object], device: torch.device) -> float:
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _gpu_seconds(run: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(_SPIN_CYCLES)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -309,9 +303,9 @@ def _time_copy_engine(group: dist.ProcessGroup, device: torch.device, sizes: Seq
     inputs = [torch.ones(n, device=device) for n in numels]
     wait = torch.ops._c10d_functional.wait_tensor
     runs = [lambda x=x: wait(torch.ops.hcms.all_to_all(x, group.group_name)) for x in inputs]
-    times = _gpu_medians(runs, repeats, device, group)
+    times = _medians(runs, repeats, device, group, gpu_time=True)
     source, target = torch.ones(max(numels), device=device), torch.empty(max(numels), device=device)
-    (copy_s,) = _gpu_medians([lambda: target.copy_(source)], repeats, device)
+    (copy_s,) = _medians([lambda: target.copy_(source)], repeats, device, gpu_time=True)
     local_bandwidth = 2 * source.numel() * 4 / copy_s
     copies = 2 if world == 1 else 1  # the staged blocks and the own block; at world size 1, both of the one block
     rest = [t - 2 * copies * n * 4 / local_bandwidth for t, n in zip(times, numels, strict=True)]

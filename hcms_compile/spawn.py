@@ -54,3 +54,15 @@ def spawn_gloo(work: Callable[..., Any], world: int, *args: Any, threads: int = 
     """`work(rank, *args)` on `world` new processes joined by gloo; returns when all have finished
     (an exception in any of them is raised here). `work` must be importable (a module-level function)."""
     mp.spawn(_rank_main, args=(work, world, free_port(), threads, args), nprocs=world, join=True)
+
+
+def join_torchrun() -> torch.device:
+    """Join the process group torchrun describes: NCCL on cuda:LOCAL_RANK where CUDA is available,
+    else gloo on the CPU; returns this rank's device."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
