@@ -551,14 +551,19 @@ def _graphs_of(fn, inputs) -> list[torch.fx.GraphModule]:
     return graphs
 
 
-def test_graph_break_between_exchange_and_attention_names_the_break():
-    g = ranks.group(P)
+def _broken_site(g):
+    """A Ulysses site with a graph break between its input exchanges and its attention."""
 
     def fn(q, k, v):
         q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
         torch._dynamo.graph_break()
         return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
 
+    return fn
+
+
+def test_graph_break_between_exchange_and_attention_names_the_break():
+    fn = _broken_site(ranks.group(P))
     graphs = _graphs_of(fn, _inputs())
     attention = [gm for gm in graphs if any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)]
     (gm,) = attention
@@ -575,13 +580,7 @@ def test_backend_reports_a_site_split_by_a_graph_break_in_both_graphs():
     # tensors out (not "no site found") and which graph held the exchange of the attention graph's site
     from hcms_compile.backend import SPLIT_EXCHANGE
 
-    g = ranks.group(P)
-
-    def fn(q, k, v):
-        q, k, v = (_scatter_heads(t, g) for t in (q, k, v))
-        torch._dynamo.graph_break()
-        return _gather_heads(F.scaled_dot_product_attention(q, k, v), g)
-
+    fn = _broken_site(ranks.group(P))
     backend = hcms_compile.make_backend(chunks=2, inner="aot_eager")
     torch._dynamo.reset()
     with torch.no_grad():
