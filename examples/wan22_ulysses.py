@@ -15,10 +15,11 @@ one rank the example puts the same exchange around the model's own self-attentio
 templated Ulysses does), so that the site exists and HCMS can act on it; every byte then stays on
 the GPU.
 
-Both modes use the `--inner` compiler (Inductor by default): alone, and as HCMS's inner compiler.
-Each mode compiles the model afresh (`torch._dynamo.reset()`), runs one step (compile included,
-reported), then `--steps` timed steps (a barrier and a synchronize around each; the slowest rank's
-time). Outputs of the two modes are compared with `torch.equal` on every rank.
+Every mode uses the `--inner` compiler (Inductor by default): alone, and as HCMS's inner compiler
+with each `--chunks` setting (`--chunks auto,2` compiles two HCMS modes). Each mode compiles the
+model afresh (`torch._dynamo.reset()`), runs one step (compile included, reported), then `--steps`
+timed steps (a barrier and a synchronize around each; the slowest rank's time). Each HCMS mode's
+output is compared with the inner compiler's alone (`torch.equal`, on every rank).
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         print(f"Wan2.2 transformer, {args.layers} block(s), {model.config.num_attention_heads} heads x "
               f"{model.config.attention_head_dim}, {tokens} video tokens, {world} rank(s) on {device.type}, {dtype}")
     outputs, times = {}, {}
-    for mode in ("plain", "hcms"):
+    for mode in ["plain", *(f"hcms chunks={chunks}" for chunks in args.chunks)]:
         torch._dynamo.reset()
-        backend = (hcms_compile.make_backend(chunks=args.chunks, inner=args.inner, fuse=not args.no_fuse)
-                   if mode == "hcms" else args.inner)
+        backend = (hcms_compile.make_backend(chunks=_chunks(mode), inner=args.inner, fuse=not args.no_fuse)
+                   if mode != "plain" else args.inner)
         compiled = torch.compile(model, backend=backend)
         with torch.no_grad():
             start = time.perf_counter()
@@ -121,17 +122,24 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
                 steps.append(elapsed.item())
         times[mode] = statistics.median(steps)
         if rank == 0:
-            name = f"{args.inner} alone" if mode == "plain" else f"HCMS ({args.inner})"
+            name = f"{args.inner} alone" if mode == "plain" else f"HCMS {mode[5:]} ({args.inner})"
             print(f"{name}: first step (compile included) {first:.1f} s, median step {times[mode] * 1e3:.1f} ms "
                   f"over {args.steps}")
-            if mode == "hcms":
+            if mode != "plain":
                 for report in backend.reports:
                     print(report.table())
-    same = torch.tensor([int(torch.equal(outputs["plain"], outputs["hcms"]))], device=device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    if rank == 0:
-        print(f"outputs bitwise equal on every rank: {'yes' if same.item() else 'NO'}; "
-              f"step time HCMS / {args.inner} alone: {times['hcms'] / times['plain']:.3f}")
+        if mode != "plain":
+            same = torch.tensor([int(torch.equal(outputs["plain"], outputs[mode]))], device=device)
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)
+            if rank == 0:
+                print(f"{mode}: outputs bitwise equal to {args.inner} alone on every rank: "
+                      f"{'yes' if same.item() else 'NO'}; step time / {args.inner} alone: "
+                      f"{times[mode] / times['plain']:.3f}")
+
+
+def _chunks(mode: str) -> int | str:
+    chunks = mode.rpartition("=")[2]
+    return chunks if chunks == "auto" else int(chunks)
 
 
 def _spawned(rank: int, args: argparse.Namespace) -> None:
@@ -146,14 +154,15 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--chunks", default="auto", help="HCMS chunks: auto, or a count")
+    parser.add_argument("--chunks", default="auto",
+                        help="HCMS chunks: auto or a count; a comma-separated list compiles one HCMS mode each")
     parser.add_argument("--no-fuse", action="store_true", help="one all-to-all per tensor in every chunk")
     parser.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager"),
                         help="the compiler, alone and under HCMS")
     parser.add_argument("--tiny", action="store_true", help="a small model and video for a CPU dry run")
     parser.add_argument("--ranks", type=int, default=2, help="gloo processes without torchrun")
     args = parser.parse_args()
-    args.chunks = args.chunks if args.chunks == "auto" else int(args.chunks)
+    args.chunks = args.chunks.split(",")
     if args.tiny:
         args.frames, args.height, args.width = 5, 64, 64
     if under_torchrun():
