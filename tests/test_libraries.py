@@ -1,8 +1,8 @@
 """The real libraries' Ulysses attention through HCMS: diffusers, DeepSpeed, yunchang, para-attn, cache-dit.
 
 Users compile these libraries, not the project's layout zoo, so each test builds the smallest real use
-of a library's own Ulysses code (its module or attention function, on a group of the in-process world),
-compiles it as a user would (`torch.compile` with `make_backend(chunks=2, inner="aot_eager")`), and
+of a library's own Ulysses code (its module or attention function, on a group of the in-process world,
+of 2 and of 4 ranks, with 2 local heads per rank), compiles it as a user would (`torch.compile` with `make_backend(chunks=2, inner="aot_eager")`), and
 asserts that the site is rewritten and that every output (and gradient, where the library has a
 backward that compiles) is `torch.equal` to the same compiler without HCMS. Gloo processes
 (`hcms_compile.spawn`) stand in where a library needs a real process group, and for `inner="inductor"`,
@@ -36,7 +36,19 @@ from hcms_compile.testing import assert_equivalent, ranks
 from hcms_compile.testing.compiled import _inputs_in_order, compile_graphs, hcms_disabled
 from hcms_compile.testing.tracing import trace
 
-WORLD, B, S, H, D = 2, 2, 32, 4, 8  # 2 local heads per rank: chunks=2 gives 1+1 (x batch 2)
+B, S, D = 2, 32, 8
+LOCAL_HEADS = 2  # per rank: chunks=2 gives 1+1 (x batch 2, so CPU flash attention stays bitwise)
+WORLD = 2  # the gloo tests' world; the in-process tests run on 2 and on 4 ranks (the `world` fixture)
+H = WORLD * LOCAL_HEADS
+
+
+@pytest.fixture(params=[2, 4], ids=lambda world: f"{world}ranks")
+def world(request) -> int:
+    return request.param
+
+
+def _heads(world: int) -> int:
+    return world * LOCAL_HEADS
 
 
 def _full(shape: Sequence[int], seed: int) -> list[torch.Tensor]:
@@ -44,8 +56,8 @@ def _full(shape: Sequence[int], seed: int) -> list[torch.Tensor]:
     return [torch.randn(*shape, generator=gen) for _ in range(3)]
 
 
-def _sharded(full: Sequence[torch.Tensor], seq_dim: int) -> list[LocalTensor]:
-    return [ranks.shard(t, dim=seq_dim, world_size=WORLD) for t in full]
+def _sharded(full: Sequence[torch.Tensor], seq_dim: int, world: int) -> list[LocalTensor]:
+    return [ranks.shard(t, dim=seq_dim, world_size=world) for t in full]
 
 
 def _attention_sites(report: GraphReport) -> list[SiteReport]:
@@ -71,7 +83,7 @@ def _assert_same(label: str, want: Sequence[Any], got: Sequence[Any]) -> None:
             assert torch.equal(a, b), f"{label}: rank {rank}, output {i} differs with HCMS"
 
 
-def _inference(fn: Callable[..., Any], inputs: Sequence[LocalTensor]) -> tuple[GraphReport, list[Any]]:
+def _inference(fn: Callable[..., Any], inputs: Sequence[LocalTensor], world: int) -> tuple[GraphReport, list[Any]]:
     """Compile `fn` for inference with and without HCMS, run both forward graphs on every rank, assert
     the outputs are bitwise equal; return the HCMS graph's report and each rank's output."""
     examples = [x._local_tensors[0] for x in inputs]
@@ -79,32 +91,32 @@ def _inference(fn: Callable[..., Any], inputs: Sequence[LocalTensor]) -> tuple[G
         hcms = compile_graphs(fn, examples, hcms_compile.make_backend(chunks=2, inner="aot_eager"), train=False)
         with hcms_disabled():
             plain = compile_graphs(fn, examples, hcms_compile.make_backend(chunks=2, inner="aot_eager"), train=False)
-        want = ranks.run_on_ranks(plain.forward.graph_module, inputs, WORLD)
-        got = ranks.run_on_ranks(hcms.forward.graph_module, inputs, WORLD)
+        want = ranks.run_on_ranks(plain.forward.graph_module, inputs, world)
+        got = ranks.run_on_ranks(hcms.forward.graph_module, inputs, world)
     _assert_same("inference", want, got)
     return hcms.forward, [w[0] for w in want]
 
 
-def _dynamo_graph(fn: Callable[..., Any], inputs: Sequence[LocalTensor]) -> tuple[GraphReport, list[Any]]:
+def _dynamo_graph(fn: Callable[..., Any], inputs: Sequence[LocalTensor], world: int) -> tuple[GraphReport, list[Any]]:
     """`hcms_compile.rewrite` on the graph Dynamo captures (where an in-place exchange is still
     `out.copy_(wait)`), the rewritten graph run on every rank bitwise against the captured one."""
     # Dynamo numbers inputs by first use (DeepSpeed reads the key's shape first): keep argument order
     gm = trace(functools.partial(_inputs_in_order, fn), [x._local_tensors[0] for x in inputs], "dynamo")
     result = hcms_compile.rewrite(gm, chunks=2)
     with torch.no_grad():
-        want = ranks.run_on_ranks(gm, inputs, WORLD)
-        _assert_same("Dynamo graph", want, ranks.run_on_ranks(result.graph_module, inputs, WORLD))
+        want = ranks.run_on_ranks(gm, inputs, world)
+        _assert_same("Dynamo graph", want, ranks.run_on_ranks(result.graph_module, inputs, world))
     return GraphReport("dynamo", result.sites), [w[0] for w in want]
 
 
 def _assert_is_attention(outputs: Sequence[torch.Tensor], full: Sequence[torch.Tensor],
-                         to_bhsd: Callable[[torch.Tensor], torch.Tensor], is_causal: bool = False,
+                         to_bhsd: Callable[[torch.Tensor], torch.Tensor], world: int, is_causal: bool = False,
                          out_to_bhsd: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """The library was set up right: each rank holds its shard of single-process attention."""
     q, k, v = (to_bhsd(t) for t in full)
     reference = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
     for rank, out in enumerate(outputs):
-        torch.testing.assert_close((out_to_bhsd or to_bhsd)(out), reference.chunk(WORLD, dim=2)[rank])
+        torch.testing.assert_close((out_to_bhsd or to_bhsd)(out), reference.chunk(world, dim=2)[rank])
 
 
 def _bshd_to_bhsd(t: torch.Tensor) -> torch.Tensor:
@@ -115,13 +127,13 @@ def _sbhd_to_bhsd(t: torch.Tensor) -> torch.Tensor:
     return t.permute(1, 2, 0, 3)
 
 
-def _ulysses_mesh():
-    """A ("ring", "ulysses") device mesh of 1 x WORLD ranks in the in-process world, as diffusers and
-    cache-dit build for `ContextParallelConfig(ulysses_degree=WORLD)`."""
+def _ulysses_mesh(world: int):
+    """A ("ring", "ulysses") device mesh of 1 x `world` ranks in the in-process world, as diffusers and
+    cache-dit build for `ContextParallelConfig(ulysses_degree=world)`."""
     from torch.distributed.device_mesh import DeviceMesh
 
     ranks.fake_world()
-    return DeviceMesh("cpu", torch.arange(WORLD).view(1, WORLD), mesh_dim_names=("ring", "ulysses"))
+    return DeviceMesh("cpu", torch.arange(world).view(1, world), mesh_dim_names=("ring", "ulysses"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,22 +141,22 @@ def _ulysses_mesh():
 # ---------------------------------------------------------------------------------------------
 
 
-def _diffusers_attention(mesh: Any = None, rank: int = 0) -> Callable[..., torch.Tensor]:
+def _diffusers_attention(world: int, mesh: Any = None, rank: int = 0) -> Callable[..., torch.Tensor]:
     pytest.importorskip("diffusers")
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=WORLD))
-    config.setup(rank, WORLD, torch.device("cpu"), mesh=mesh or _ulysses_mesh())
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=world))
+    config.setup(rank, world, torch.device("cpu"), mesh=mesh or _ulysses_mesh(world))
     return functools.partial(dispatch_attention_fn, backend="native", parallel_config=config)
 
 
-def test_diffusers_ulysses_inference_is_rewritten_and_bitwise():
-    attention = _diffusers_attention()
-    full = _full((B, S, H, D), seed=0)
-    report, outputs = _inference(attention, _sharded(full, seq_dim=1))
+def test_diffusers_ulysses_inference_is_rewritten_and_bitwise(world):
+    attention = _diffusers_attention(world)
+    full = _full((B, S, _heads(world), D), seed=0)
+    report, outputs = _inference(attention, _sharded(full, seq_dim=1, world=world), world)
     _assert_rewritten(report)
-    _assert_is_attention(outputs, full, _bshd_to_bhsd)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd, world)
 
 
 @pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
@@ -152,9 +164,9 @@ def test_diffusers_ulysses_inference_is_rewritten_and_bitwise():
                           "(_native_attention_backward_op calls query.requires_grad_(True) inside "
                           "TemplatedUlyssesAttention.backward: 'HOP: Unsafe side effect')")
 def test_diffusers_ulysses_training_is_rewritten_and_bitwise():
-    attention = _diffusers_attention()
-    result = assert_equivalent(attention, _sharded(_full((B, S, H, D), seed=1), seq_dim=1), world_size=WORLD,
-                               chunks=2)
+    attention = _diffusers_attention(WORLD)
+    result = assert_equivalent(attention, _sharded(_full((B, S, H, D), seed=1), seq_dim=1, world=WORLD),
+                               world_size=WORLD, chunks=2)
     for report in result.graphs:
         _assert_rewritten(report)
 
@@ -178,7 +190,7 @@ class _LocalSdpa(torch.nn.Module):
         return out.transpose(1, 2) if self.batch_dim == 0 else out.permute(2, 0, 1, 3)
 
 
-def _deepspeed_attention(batch_dim: int) -> Callable[..., torch.Tensor]:
+def _deepspeed_attention(batch_dim: int, world: int) -> Callable[..., torch.Tensor]:
     pytest.importorskip("deepspeed")
     ranks.fake_world()
     import deepspeed.comm
@@ -187,43 +199,44 @@ def _deepspeed_attention(batch_dim: int) -> Callable[..., torch.Tensor]:
     # deepspeed.comm wraps the torch.distributed world that is already up (here the in-process one)
     deepspeed.comm.init_distributed(dist_backend="fake", verbose=False)
     # scatter heads (dim 2), gather sequence (dim 1 batch-first, dim 0 sequence-first), as Megatron-DeepSpeed
-    module = DistributedAttention(_LocalSdpa(batch_dim), ranks.group(WORLD), scatter_idx=2, gather_idx=1 - batch_dim)
+    module = DistributedAttention(_LocalSdpa(batch_dim), ranks.group(world), scatter_idx=2, gather_idx=1 - batch_dim)
     return lambda q, k, v: module(q, k, v, batch_dim)
 
 
 _DEEPSPEED_LAYOUTS = pytest.mark.parametrize("batch_dim", [0, 1], ids=["batch_first", "sequence_first"])
 
 
-def _deepspeed_shape(batch_dim: int) -> tuple[int, ...]:
-    return (B, S, H, D) if batch_dim == 0 else (S, B, H, D)
+def _deepspeed_shape(batch_dim: int, world: int) -> tuple[int, ...]:
+    return (B, S, _heads(world), D) if batch_dim == 0 else (S, B, _heads(world), D)
 
 
 @_DEEPSPEED_LAYOUTS
-def test_deepspeed_distributed_attention_inference_is_rewritten_and_bitwise(batch_dim):
-    attention = _deepspeed_attention(batch_dim)
-    full = _full(_deepspeed_shape(batch_dim), seed=2)
-    report, outputs = _inference(attention, _sharded(full, seq_dim=1 - batch_dim))
+def test_deepspeed_distributed_attention_inference_is_rewritten_and_bitwise(batch_dim, world):
+    attention = _deepspeed_attention(batch_dim, world)
+    full = _full(_deepspeed_shape(batch_dim, world), seed=2)
+    report, outputs = _inference(attention, _sharded(full, seq_dim=1 - batch_dim, world=world), world)
     to_bhsd = _bshd_to_bhsd if batch_dim == 0 else _sbhd_to_bhsd
-    _assert_is_attention(outputs, full, to_bhsd, is_causal=True)
+    _assert_is_attention(outputs, full, to_bhsd, world, is_causal=True)
     _assert_rewritten(report)
 
 
 @_DEEPSPEED_LAYOUTS
-def test_deepspeed_distributed_attention_training_is_rewritten_and_bitwise(batch_dim):
-    attention = _deepspeed_attention(batch_dim)
-    inputs = _sharded(_full(_deepspeed_shape(batch_dim), seed=3), seq_dim=1 - batch_dim)
-    result = assert_equivalent(attention, inputs, world_size=WORLD, chunks=2, require_rewrite=False)
+def test_deepspeed_distributed_attention_training_is_rewritten_and_bitwise(batch_dim, world):
+    attention = _deepspeed_attention(batch_dim, world)
+    inputs = _sharded(_full(_deepspeed_shape(batch_dim, world), seed=3), seq_dim=1 - batch_dim, world=world)
+    result = assert_equivalent(attention, inputs, world_size=world, chunks=2, require_rewrite=False)
     for report in result.graphs:
         _assert_rewritten(report)
 
 
 @_DEEPSPEED_LAYOUTS
-def test_deepspeed_distributed_attention_dynamo_graph_is_rewritten_and_bitwise(batch_dim):
+def test_deepspeed_distributed_attention_dynamo_graph_is_rewritten_and_bitwise(batch_dim, world):
     # the standalone pass on the Dynamo graph, where the in-place exchange is still `copy_`: rewritten
-    full = _full(_deepspeed_shape(batch_dim), seed=13)
-    report, outputs = _dynamo_graph(_deepspeed_attention(batch_dim), _sharded(full, seq_dim=1 - batch_dim))
+    full = _full(_deepspeed_shape(batch_dim, world), seed=13)
+    report, outputs = _dynamo_graph(_deepspeed_attention(batch_dim, world),
+                                    _sharded(full, seq_dim=1 - batch_dim, world=world), world)
     _assert_rewritten(report)
-    _assert_is_attention(outputs, full, _bshd_to_bhsd if batch_dim == 0 else _sbhd_to_bhsd, is_causal=True)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd if batch_dim == 0 else _sbhd_to_bhsd, world, is_causal=True)
 
 
 class _HfAttentionModule(torch.nn.Module):
@@ -312,63 +325,63 @@ def _sdpa_bshd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
     return out.transpose(1, 2)
 
 
-def _yunchang_attention() -> Callable[..., torch.Tensor]:
+def _yunchang_attention(world: int) -> Callable[..., torch.Tensor]:
     pytest.importorskip("yunchang")
     from yunchang import UlyssesAttention
     from yunchang.kernels import AttnType
 
-    module = UlyssesAttention(ranks.group(WORLD), attn_type=AttnType.TORCH_FLASH)
+    module = UlyssesAttention(ranks.group(world), attn_type=AttnType.TORCH_FLASH)
     module.attn_fn = _sdpa_bshd
     return lambda q, k, v: module(q, k, v, causal=True)
 
 
-def test_yunchang_ulysses_inference_is_rewritten_and_bitwise():
-    attention = _yunchang_attention()
-    full = _full((B, S, H, D), seed=4)
-    report, outputs = _inference(attention, _sharded(full, seq_dim=1))
-    _assert_is_attention(outputs, full, _bshd_to_bhsd, is_causal=True)
+def test_yunchang_ulysses_inference_is_rewritten_and_bitwise(world):
+    attention = _yunchang_attention(world)
+    full = _full((B, S, _heads(world), D), seed=4)
+    report, outputs = _inference(attention, _sharded(full, seq_dim=1, world=world), world)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd, world, is_causal=True)
     _assert_rewritten(report)
 
 
-def test_yunchang_ulysses_training_is_rewritten_and_bitwise():
-    attention = _yunchang_attention()
-    result = assert_equivalent(attention, _sharded(_full((B, S, H, D), seed=5), seq_dim=1), world_size=WORLD,
-                               chunks=2, require_rewrite=False)
+def test_yunchang_ulysses_training_is_rewritten_and_bitwise(world):
+    attention = _yunchang_attention(world)
+    inputs = _sharded(_full((B, S, _heads(world), D), seed=5), seq_dim=1, world=world)
+    result = assert_equivalent(attention, inputs, world_size=world, chunks=2, require_rewrite=False)
     for report in result.graphs:
         _assert_rewritten(report)
 
 
-def test_yunchang_ulysses_dynamo_graph_is_rewritten_and_bitwise():
+def test_yunchang_ulysses_dynamo_graph_is_rewritten_and_bitwise(world):
     # the standalone pass on the Dynamo graph, where the in-place exchange is still `copy_`: rewritten
-    full = _full((B, S, H, D), seed=14)
-    report, outputs = _dynamo_graph(_yunchang_attention(), _sharded(full, seq_dim=1))
+    full = _full((B, S, _heads(world), D), seed=14)
+    report, outputs = _dynamo_graph(_yunchang_attention(world), _sharded(full, seq_dim=1, world=world), world)
     _assert_rewritten(report)
-    _assert_is_attention(outputs, full, _bshd_to_bhsd, is_causal=True)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd, world, is_causal=True)
 
 
-def _yunchang_long_context() -> Callable[..., torch.Tensor]:
-    """LongContextAttention at ulysses degree WORLD, ring degree 1, with yunchang's TORCH_MATH attention
+def _yunchang_long_context(world: int) -> Callable[..., torch.Tensor]:
+    """LongContextAttention at ulysses degree `world`, ring degree 1, with yunchang's TORCH_MATH attention
     (the one torch type whose forward runs on CPU: see `_YunchangSdpa`)."""
     pytest.importorskip("yunchang")
     from yunchang import LongContextAttention
     from yunchang.globals import PROCESS_GROUP
     from yunchang.kernels import AttnType
 
-    # what set_seq_parallel_pg(WORLD, 1, ...) sets, on groups of the in-process world
-    PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = ranks.group(WORLD), ranks.group(1)
+    # what set_seq_parallel_pg(world, 1, ...) sets, on groups of the in-process world
+    PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = ranks.group(world), ranks.group(1)
     module = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH_MATH)
     return lambda q, k, v: module(q, k, v, causal=True)
 
 
-def test_yunchang_long_context_dynamo_graph_is_rewritten_and_bitwise():
+def test_yunchang_long_context_dynamo_graph_is_rewritten_and_bitwise(world):
     # the Dynamo graph still holds F.sdpa (AOTAutograd decomposes it under yunchang's sdpa_kernel(MATH):
     # see test_sequence_parallel_libraries_over_gloo); the one-step ring merge's fp32 -> fp32 casts on
     # the output path are identities
-    full = _full((B, S, H, D), seed=15)
-    report, outputs = _dynamo_graph(_yunchang_long_context(), _sharded(full, seq_dim=1))
+    full = _full((B, S, _heads(world), D), seed=15)
+    report, outputs = _dynamo_graph(_yunchang_long_context(world), _sharded(full, seq_dim=1, world=world), world)
     assert len(report.sites) == 1
     _assert_rewritten(report)
-    _assert_is_attention(outputs, full, _bshd_to_bhsd, is_causal=True)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd, world, is_causal=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,41 +389,41 @@ def test_yunchang_long_context_dynamo_graph_is_rewritten_and_bitwise():
 # ---------------------------------------------------------------------------------------------
 
 
-def _para_attn_ulysses(group: Any = None) -> Callable[..., torch.Tensor]:
+def _para_attn_ulysses(group: Any) -> Callable[..., torch.Tensor]:
     pytest.importorskip("para_attn")
     from para_attn.para_attn_interface import ulysses_attn_func
 
-    return functools.partial(ulysses_attn_func, is_causal=True, mesh=group or ranks.group(WORLD))
+    return functools.partial(ulysses_attn_func, is_causal=True, mesh=group)
 
 
-def test_para_attn_ulysses_inference_is_rewritten_and_bitwise():
-    attention = _para_attn_ulysses()
-    full = _full((B, H, S, D), seed=6)  # para-attn takes SDPA's [B, H, S/P, D]
-    report, outputs = _inference(attention, _sharded(full, seq_dim=2))
+def test_para_attn_ulysses_inference_is_rewritten_and_bitwise(world):
+    attention = _para_attn_ulysses(ranks.group(world))
+    full = _full((B, _heads(world), S, D), seed=6)  # para-attn takes SDPA's [B, H, S/P, D]
+    report, outputs = _inference(attention, _sharded(full, seq_dim=2, world=world), world)
     _assert_rewritten(report)
-    _assert_is_attention(outputs, full, lambda t: t, is_causal=True)
+    _assert_is_attention(outputs, full, lambda t: t, world, is_causal=True)
 
 
-def test_para_attn_ulysses_training_is_rewritten_and_bitwise():
-    attention = _para_attn_ulysses()
-    result = assert_equivalent(attention, _sharded(_full((B, H, S, D), seed=7), seq_dim=2), world_size=WORLD,
-                               chunks=2)
+def test_para_attn_ulysses_training_is_rewritten_and_bitwise(world):
+    attention = _para_attn_ulysses(ranks.group(world))
+    inputs = _sharded(_full((B, _heads(world), S, D), seed=7), seq_dim=2, world=world)
+    result = assert_equivalent(attention, inputs, world_size=world, chunks=2)
     for report in result.graphs:
         _assert_rewritten(report)
 
 
-def test_para_attn_ulysses_attn_mode_inference_is_rewritten_and_bitwise():
+def test_para_attn_ulysses_attn_mode_inference_is_rewritten_and_bitwise(world):
     # para-attn's usual entry: a model's plain F.scaled_dot_product_attention, turned into Ulysses by the
     # UlyssesAttnMode entered around the compiled call
     pytest.importorskip("para_attn")
     from para_attn.para_attn_interface import UlyssesAttnMode
 
-    full = _full((B, H, S, D), seed=12)
-    with UlyssesAttnMode(ranks.group(WORLD)):
+    full = _full((B, _heads(world), S, D), seed=12)
+    with UlyssesAttnMode(ranks.group(world)):
         report, outputs = _inference(functools.partial(F.scaled_dot_product_attention, is_causal=True),
-                                     _sharded(full, seq_dim=2))
+                                     _sharded(full, seq_dim=2, world=world), world)
     _assert_rewritten(report)
-    _assert_is_attention(outputs, full, lambda t: t, is_causal=True)
+    _assert_is_attention(outputs, full, lambda t: t, world, is_causal=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,23 +431,23 @@ def test_para_attn_ulysses_attn_mode_inference_is_rewritten_and_bitwise():
 # ---------------------------------------------------------------------------------------------
 
 
-def _cache_dit_attention(mesh: Any = None, rank: int = 0) -> Callable[..., torch.Tensor]:
+def _cache_dit_attention(world: int, mesh: Any = None, rank: int = 0) -> Callable[..., torch.Tensor]:
     pytest.importorskip("cache_dit")
     from cache_dit.attention import _dispatch_attention_fn
     from cache_dit.distributed.core._modeling_parallel import _ContextParallelConfig
 
-    config = _ContextParallelConfig(ulysses_degree=WORLD)
-    config.setup(rank, WORLD, torch.device("cpu"), mesh or _ulysses_mesh())
+    config = _ContextParallelConfig(ulysses_degree=world)
+    config.setup(rank, world, torch.device("cpu"), mesh or _ulysses_mesh(world))
     return functools.partial(_dispatch_attention_fn, backend="native", cp_config=config)
 
 
-def test_cache_dit_ulysses_inference_is_rewritten_and_bitwise():
+def test_cache_dit_ulysses_inference_is_rewritten_and_bitwise(world):
     # cache-dit's UlyssesAttention is forward-only (its backward raises NotImplementedError)
-    attention = _cache_dit_attention()
-    full = _full((B, S, H, D), seed=8)
-    report, outputs = _inference(attention, _sharded(full, seq_dim=1))
+    attention = _cache_dit_attention(world)
+    full = _full((B, S, _heads(world), D), seed=8)
+    report, outputs = _inference(attention, _sharded(full, seq_dim=1, world=world), world)
     _assert_rewritten(report)
-    _assert_is_attention(outputs, full, _bshd_to_bhsd)
+    _assert_is_attention(outputs, full, _bshd_to_bhsd, world)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,8 +463,8 @@ def _inductor_worker(rank: int, out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("ring", "ulysses"))
     # name: (attention, global shape, sequence dim, train)
     cases = {
-        "diffusers": (_diffusers_attention(mesh, rank), (B, S, H, D), 1, False),
-        "cache_dit": (_cache_dit_attention(mesh, rank), (B, S, H, D), 1, False),
+        "diffusers": (_diffusers_attention(WORLD, mesh, rank), (B, S, H, D), 1, False),
+        "cache_dit": (_cache_dit_attention(WORLD, mesh, rank), (B, S, H, D), 1, False),
         "para_attn": (_para_attn_ulysses(dist.group.WORLD), (B, H, S, D), 2, True),
     }
     results = {}
