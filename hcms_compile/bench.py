@@ -720,7 +720,7 @@ def _report(cfg: BenchConfig, results: dict[str, Any]) -> None:
     if results["trace"]:
         print(f"wrote {cfg.trace_dir}/rank{{0..{meta['world_size'] - 1}}}.json")
         if cfg.trace_png_path:
-            bench_plot.plot_trace(Path(cfg.trace_dir) / "rank0.json", cfg.trace_png_path)
+            bench_plot.plot_trace(_rank_traces(Path(cfg.trace_dir)), cfg.trace_png_path)
             print(f"wrote {cfg.trace_png_path}")
     elif cfg.trace_dir:
         print(f"no trace: the row ({cfg.trace_target}, {cfg.traced_seq}, {cfg.trace_mode}) did not run")
@@ -791,7 +791,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--trace-target", choices=TARGETS, default="layer", help="the target traced (default layer)")
     out.add_argument("--trace-seq", type=int, help="the sequence length traced (default the largest --seq)")
     out.add_argument("--trace-png", metavar="PATH",
-                     help="draw rank 0's trace as lanes: one per GPU stream or CPU thread (needs matplotlib)")
+                     help="draw every rank's trace as lanes on one time axis: one per GPU stream or CPU thread "
+                          "(needs matplotlib)")
 
 
 def config_from_args(args: argparse.Namespace, on_gpu: bool, argv: Sequence[str] = ()) -> BenchConfig:
@@ -809,6 +810,11 @@ def config_from_args(args: argparse.Namespace, on_gpu: bool, argv: Sequence[str]
     )
 
 
+def _rank_traces(trace_dir: Path) -> list[Path]:
+    """DIR/rank{r}.json of every rank that saved one, in rank order."""
+    return sorted(trace_dir.glob("rank*.json"), key=lambda p: int(p.stem[4:]) if p.stem[4:].isdigit() else -1)
+
+
 def _plot_only(args: argparse.Namespace) -> int:
     results = json.loads(Path(args.plot).read_text())
     print(format_table(rows_from_json(results)))
@@ -820,13 +826,13 @@ def _plot_only(args: argparse.Namespace) -> int:
         print(f"wrote {args.png}")
     if args.trace_png:
         trace_dir = args.trace or (results.get("trace") or {}).get("dir")
-        trace = Path(trace_dir or ".") / "rank0.json"
-        if not trace_dir or not trace.is_file():
+        traces = _rank_traces(Path(trace_dir or "."))
+        if not trace_dir or not traces:
             # the results name the directory the traces were written to, maybe on another machine
-            print(f"hcms bench: --trace-png needs rank 0's trace; {trace} is not a file: pass --trace DIR",
-                  file=sys.stderr)
+            print(f"hcms bench: --trace-png needs the ranks' traces; {trace_dir or '.'} holds no rank*.json: "
+                  "pass --trace DIR", file=sys.stderr)
             return 2
-        bench_plot.plot_trace(trace, args.trace_png)
+        bench_plot.plot_trace(traces, args.trace_png)
         print(f"wrote {args.trace_png}")
     return 0
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,12 +162,26 @@ def overlap_us(lanes: list[Lane]) -> float:
     return sum(max(0.0, min(ce, ae) - max(cs, as_)) for cs, ce in comm for as_, ae in attention)
 
 
-def plot_trace(trace_path: str | Path, path: str | Path) -> None:
-    """One lane per GPU stream (or CPU thread): comm, attention and other boxes over one step."""
-    trace = json.loads(Path(trace_path).read_text())
-    lanes = trace_lanes(trace)
-    if not lanes:
-        raise ValueError(f"{trace_path}: no kernel or op events to draw")
+def _ranked_lanes(trace: dict[str, Any], several: bool) -> list[Lane]:
+    """The trace's lanes on the host clock (profiler timestamps are relative to the trace's base time),
+    labelled with the rank when several ranks share the picture."""
+    base_us = trace.get("baseTimeNanoseconds", 0) / 1e3
+    rank = trace.get("hcmsBench", {}).get("rank", 0)
+    return [Lane(f"rank {rank}: {lane.label}" if several else lane.label,
+                 tuple(replace(b, start_us=b.start_us + base_us) for b in lane.boxes))
+            for lane in trace_lanes(trace)]
+
+
+def plot_trace(trace_paths: str | Path | Sequence[str | Path], path: str | Path) -> None:
+    """One lane per GPU stream (or CPU thread) over one step; with several ranks' traces, every rank's
+    lanes on one time axis (the host clock: ranks of one host line up, so waits on a late peer show)."""
+    paths = [trace_paths] if isinstance(trace_paths, str | Path) else list(trace_paths)
+    traces = [json.loads(Path(p).read_text()) for p in paths]
+    per_rank = [_ranked_lanes(trace, several=len(traces) > 1) for trace in traces]
+    for p, lanes in zip(paths, per_rank, strict=True):
+        if not lanes:
+            raise ValueError(f"{p}: no kernel or op events to draw")
+    lanes = [lane for rank_lanes in per_rank for lane in rank_lanes]
     t0 = min(b.start_us for lane in lanes for b in lane.boxes)
     fig = _figure(12, 1.2 + 0.55 * len(lanes))
     ax = fig.subplots()
@@ -178,14 +193,16 @@ def plot_trace(trace_path: str | Path, path: str | Path) -> None:
                 ax.broken_barh(boxes, (y - 0.4, 0.8), facecolors=COLOURS[kind], edgecolor="black", linewidth=0.2)
     ax.set_yticks(range(len(lanes)), [lane.label for lane in lanes])
     ax.invert_yaxis()
-    ax.set_xlabel("ms since the step's first event")
+    ax.set_xlabel("ms since the first event")
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=COLOURS[k], label=k) for k in ("comm", "attention", "other")],
               loc="upper right", fontsize="small")
-    info = trace.get("hcmsBench", {})
-    where = "GPU streams" if lanes[0].label.startswith("GPU") else "CPU threads"
+    info = traces[0].get("hcmsBench", {})
+    where = "GPU streams" if lanes[0].label.split(": ")[-1].startswith("GPU") else "CPU threads"
+    overlap = ", ".join(f"{overlap_us(rank_lanes) / 1e3:.3f}" for rank_lanes in per_rank)
+    whose = f"rank {info.get('rank', 0)}'s" if len(traces) == 1 else f"{len(traces)} ranks'"
     ax.set_title(f"{info.get('mode', '?')}, {info.get('target', '?')}, seq {info.get('seq', '?')}, "
-                 f"world size {info.get('world_size', '?')}: rank {info.get('rank', 0)}'s {where}; "
-                 f"comm overlapping attention {overlap_us(lanes) / 1e3:.3f} ms", fontsize="medium")
+                 f"world size {info.get('world_size', '?')}: {whose} {where}; "
+                 f"comm overlapping attention {overlap} ms", fontsize="medium")
     fig.savefig(path, dpi=120)

@@ -269,3 +269,24 @@ def test_gpu_trace_lanes_and_overlap():
     assert [lane.label for lane in lanes] == ["GPU 0 stream 7", "GPU 0 stream 16"]  # CPU ops left out on GPU
     assert [b.kind for b in lanes[0].boxes] == ["attention", "other"]
     assert bench_plot.overlap_us(lanes) == pytest.approx(50.0 + 30.0)
+
+
+def test_trace_lanes_of_several_ranks_share_the_host_clock(tmp_path):
+    pytest.importorskip("matplotlib")
+
+    def trace(rank: int, base_ns: int, ts: float) -> dict:
+        kernel = {"ph": "X", "cat": "kernel", "name": "cudnn_sdpa_fprop", "pid": 0, "tid": 7, "ts": ts,
+                  "dur": 10.0, "args": {"device": rank, "stream": 7}}
+        return {"traceEvents": [kernel], "baseTimeNanoseconds": base_ns, "hcmsBench": {"rank": rank}}
+
+    # rank 1's kernel starts 5 us after rank 0's on the host clock, though its relative timestamp is earlier
+    traces = [trace(0, 1_000_000, 20.0), trace(1, 1_020_000, 5.0)]
+    lanes = [bench_plot._ranked_lanes(t, several=True) for t in traces]
+    assert [lane[0].label for lane in lanes] == ["rank 0: GPU 0 stream 7", "rank 1: GPU 1 stream 7"]
+    assert lanes[1][0].boxes[0].start_us - lanes[0][0].boxes[0].start_us == pytest.approx(5.0)
+    paths = []
+    for rank, t in enumerate(traces):
+        paths.append(tmp_path / f"rank{rank}.json")
+        paths[-1].write_text(json.dumps(t))
+    bench_plot.plot_trace(paths, tmp_path / "lanes.png")
+    assert (tmp_path / "lanes.png").read_bytes()[:8] == PNG_MAGIC

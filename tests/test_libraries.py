@@ -2,12 +2,13 @@
 
 Users compile these libraries, not the project's layout zoo, so each test builds the smallest real use
 of a library's own Ulysses code (its module or attention function, on a group of the in-process world,
-of 2 and of 4 ranks, with 2 local heads per rank), compiles it as a user would (`torch.compile` with `make_backend(chunks=2, inner="aot_eager")`), and
-asserts that the site is rewritten and that every output (and gradient, where the library has a
-backward that compiles) is `torch.equal` to the same compiler without HCMS. Gloo processes
-(`hcms_compile.spawn`) stand in where a library needs a real process group, and for `inner="inductor"`,
-whose compiled code cannot run on the in-process ranks. The versions are pinned in pyproject.toml's
-`libs` extra (part of `test`) and listed with each test's status in docs/libraries.md.
+of 2 and of 4 ranks, with 2 local heads per rank), compiles it as a user would (`torch.compile` with
+`make_backend(chunks=2, inner="aot_eager")`), and asserts that the site is rewritten and that every
+output (and gradient, where the library has a backward that compiles) is `torch.equal` to the same
+compiler without HCMS. Gloo processes (`hcms_compile.spawn`) stand in where a library needs a real
+process group, and for `inner="inductor"`, whose compiled code cannot run on the in-process ranks. The
+versions are pinned in pyproject.toml's `libs` extra (part of `test`) and listed with each test's status
+in docs/libraries.md.
 
 A site the current pass does not rewrite is asserted all the same and marked `xfail(strict=True)` with
 the pass's own skip reason, so the test starts failing (and the mark must go) the day it is rewritten.
