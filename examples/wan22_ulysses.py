@@ -164,9 +164,9 @@ def _spawned(rank: int, args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (Wan2.2 A14B has 40)")
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--frames", type=int, help="video frames (default 81; 5 with --tiny)")
+    parser.add_argument("--height", type=int, help="video height in pixels (default 480; 64 with --tiny)")
+    parser.add_argument("--width", type=int, help="video width in pixels (default 832; 64 with --tiny)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--chunks", default="auto",
                         help="HCMS chunks: auto or a count; a comma-separated list compiles one HCMS mode each")
@@ -177,8 +177,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2, help="gloo processes without torchrun")
     args = parser.parse_args()
     args.chunks = args.chunks.split(",")
-    if args.tiny:
-        args.frames, args.height, args.width = 5, 64, 64
+    for name, real, tiny in (("frames", 81, 5), ("height", 480, 64), ("width", 832, 64)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else real)
     if under_torchrun():
         device = join_torchrun()
         run(args, dist.get_rank(), dist.get_world_size(), device)
