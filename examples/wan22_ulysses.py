@@ -113,10 +113,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
               f"{model.config.attention_head_dim}, {tokens} video tokens, {world} rank(s) on {device.type}, {dtype}")
     warm_up(model, batch)
     outputs, times = {}, {}
-    for mode in ["plain", *(f"hcms chunks={chunks}" for chunks in args.chunks)]:
+    modes = {"plain": None, **{f"hcms chunks={chunks}": chunks for chunks in args.chunks}}
+    for mode, chunks in modes.items():
         torch._dynamo.reset()
-        backend = (hcms_compile.make_backend(chunks=_chunks(mode), inner=args.inner, fuse=not args.no_fuse)
-                   if mode != "plain" else args.inner)
+        backend = (args.inner if chunks is None
+                   else hcms_compile.make_backend(chunks=chunks, inner=args.inner, fuse=not args.no_fuse))
         compiled = torch.compile(model, backend=backend)
         with torch.no_grad():
             start = time.perf_counter()
@@ -151,9 +152,12 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
                       f"{times[mode] / times['plain']:.3f}")
 
 
-def _chunks(mode: str) -> int | str:
-    chunks = mode.rpartition("=")[2]
-    return chunks if chunks == "auto" else int(chunks)
+def _chunk_settings(text: str) -> list[int | str]:
+    """--chunks: "auto", a count, or a comma-separated list of them."""
+    try:
+        return [item if item == "auto" else int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto or a count of chunks, comma-separated") from None
 
 
 def _spawned(rank: int, args: argparse.Namespace) -> None:
@@ -168,7 +172,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, help="video height in pixels (default 480; 64 with --tiny)")
     parser.add_argument("--width", type=int, help="video width in pixels (default 832; 64 with --tiny)")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--chunks", default="auto",
+    parser.add_argument("--chunks", type=_chunk_settings, default=["auto"],
                         help="HCMS chunks: auto or a count; a comma-separated list compiles one HCMS mode each")
     parser.add_argument("--no-fuse", action="store_true", help="one all-to-all per tensor in every chunk")
     parser.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager"),
@@ -176,7 +180,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a small model and video for a CPU dry run")
     parser.add_argument("--ranks", type=int, default=2, help="gloo processes without torchrun")
     args = parser.parse_args()
-    args.chunks = args.chunks.split(",")
     for name, real, tiny in (("frames", 81, 5), ("height", 480, 64), ("width", 832, 64)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else real)
