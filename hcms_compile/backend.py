@@ -95,9 +95,13 @@ class HcmsOptions:
                            "hints": list(self.hints) if auto else [], "fuse": self.fuse, "exchange": self.exchange},
                           sort_keys=True)
 
-    def rewrite(self, graph: torch.fx.Graph) -> list[SiteReport]:
-        return rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile, fuse=self.fuse,
-                             exchange=self.exchange)
+    def rewrite(self, graph: torch.fx.Graph, phase: str, earlier: Sequence[GraphReport]) -> GraphReport:
+        """Rewrite `graph` in place; its report, with what a graph break did to a site (`earlier`: the
+        reports of the graphs this backend compiled before, for `split_note`)."""
+        leaving = _escaping_exchanges(graph)  # before the rewrite, which may add all-to-alls
+        sites = rewrite_graph(graph, chunks=self.chunks, exact=self.exact, profile=self.profile, fuse=self.fuse,
+                              exchange=self.exchange)
+        return GraphReport(phase, sites, note=no_site_reason(graph), split=split_note(leaving, sites, earlier))
 
 
 def _symbolic_hints(example_inputs: Sequence[Any]) -> tuple[int, ...]:
@@ -245,13 +249,10 @@ class HcmsGraphPass:
         self.phase: str | None = None  # set by the backend from what compile_fx_inner is told
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        phase = self.phase or _phase(graph, FORWARD)
-        leaving = _escaping_exchanges(graph)  # before the rewrite, which may add all-to-alls
-        sites = self.options.rewrite(graph)
-        if any(site.rewritten for site in sites):
+        report = self.options.rewrite(graph, self.phase or _phase(graph, FORWARD), self.sink)
+        if any(site.rewritten for site in report.sites):
             pin_pipeline(graph)
-        self.sink.append(GraphReport(phase, sites, note=no_site_reason(graph),
-                                     split=split_note(leaving, sites, self.sink)))
+        self.sink.append(report)
 
     def uuid(self) -> bytes:
         """Changes with the options and with the code of the pass, so cached graphs stay correct."""
@@ -451,15 +452,11 @@ class HcmsBackend:
 
         def compiler(phase: str) -> Callable[..., Any]:
             def compile_graph(graph_module: torch.fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
-                sites: list[SiteReport] = []
-                note = split = ""
+                report = GraphReport(phase)
                 if options.enabled:
-                    leaving = _escaping_exchanges(graph_module.graph)  # before the rewrite adds all-to-alls
-                    sites = options.rewrite(graph_module.graph)
-                    note = no_site_reason(graph_module.graph)
-                    split = split_note(leaving, sites, self.reports)
+                    report = options.rewrite(graph_module.graph, phase, self.reports)
                     graph_module.recompile()
-                self.reports.append(GraphReport(phase, sites, graph_module, note=note, split=split))
+                self.reports.append(replace(report, graph_module=graph_module))
                 return make_boxed_func(graph_module.forward)
 
             return compile_graph
